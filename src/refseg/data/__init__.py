@@ -1,0 +1,35 @@
+"""Data: refer-format readers, Hub parquet reader, the RefShapes generator, augmentation.
+
+- `load_refer(root, dataset, split_by, split)`: RefCOCO / RefCOCO+ / RefCOCOg / RefShapes in the
+  refer format (refs pickle read with a restricted unpickler, COCO masks via pycocotools).
+- `load_refer_parquet(path_or_files, image_root, split=None)`: `jxu124/refcoco`-style parquet.
+- `explode_sentences(ds)`: one row per sentence (evaluation scores every sentence).
+- `make_refshapes(root, num_images, seed)`: the procedural RefShapes dataset.
+- `RandomAffineSaturation`: joint image/mask training augmentation.
+"""
+
+from .augment import AffineParams, RandomAffineSaturation
+from .parquet import load_refer_parquet
+from .masks import decode_segmentation
+from .refer import REFER_FEATURES, SUPPORTED_SPLITS, explode_sentences, load_refer
+from .refshapes import expression_corpus, load_scenes, make_refshapes, parse_expression, resolve_expression
+from .unpickle import RestrictedUnpickler, load_refs_pickle, restricted_loads
+
+__all__ = [
+    "AffineParams",
+    "REFER_FEATURES",
+    "RandomAffineSaturation",
+    "RestrictedUnpickler",
+    "SUPPORTED_SPLITS",
+    "decode_segmentation",
+    "explode_sentences",
+    "expression_corpus",
+    "load_refer",
+    "load_refer_parquet",
+    "load_refs_pickle",
+    "load_scenes",
+    "make_refshapes",
+    "parse_expression",
+    "resolve_expression",
+    "restricted_loads",
+]

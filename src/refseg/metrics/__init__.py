@@ -1,0 +1,16 @@
+"""Referring segmentation metrics.
+
+`ReferringIoU` is an `evaluate.Metric` (also loadable without refseg through
+`evaluate.load(refseg.metrics.REFERRING_IOU_PATH)`); `intersection_union` and `summarize_counts`
+are the same computations as plain functions, for loops that gather integer counts across
+processes (the training script).
+"""
+
+from pathlib import Path
+
+from .referring_iou.referring_iou import DEFAULT_THRESHOLDS, ReferringIoU, intersection_union, summarize_counts
+
+# Folder of the self-contained evaluate module: `evaluate.load(str(REFERRING_IOU_PATH))`.
+REFERRING_IOU_PATH = Path(__file__).parent / "referring_iou"
+
+__all__ = ["DEFAULT_THRESHOLDS", "REFERRING_IOU_PATH", "ReferringIoU", "intersection_union", "summarize_counts"]

@@ -1,0 +1,396 @@
+"""Shared processor behaviour for every refseg method's `XxxProcessor(ProcessorMixin)`.
+
+Free functions do the input checking and the geometry; `ReferringSegmentationProcessorMixin`
+bundles them for processors:
+
+- `load_image`: anything image-like -> RGB `PIL.Image` (any PIL mode, EXIF orientation applied,
+  numpy / torch arrays, file paths).
+- `validate_text`, `pair_images_and_texts`: one image with N expressions, N images with N
+  expressions, or N images with N lists of expressions.
+- `load_mask`, `validate_masks`, `resize_masks_to_input`: ground-truth masks -> `labels`.
+- `post_process_masks`: logits -> boolean masks at the original sizes, undoing SAM-style
+  resize-longest-side + pad when the model input was padded.
+
+Imports only numpy, PIL and torch, so that exported (remote) model code can carry it.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def _describe(x) -> str:
+    shape = getattr(x, "shape", None)
+    return f"{type(x).__name__}" + (f" of shape {tuple(shape)}" if shape is not None else "")
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparent images are composited on white (what a viewer shows);
+    16-bit integer modes ("I;16*", and "I" as Pillow used to open 16-bit PNGs) are scaled by
+    255/65535; "F" is taken as [0, 1] floats, like float arrays."""
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if mode == "F" else 255.0 / 65535.0
+        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise ValueError(f"`images`: cannot convert a PIL image of mode {mode!r} to RGB") from err
+
+
+def _array_to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.floating):
+        if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
+            raise ValueError(
+                f"`images`: float arrays must hold values in [0, 1], got range "
+                f"[{np.nanmin(array):.3g}, {np.nanmax(array):.3g}]"
+            )
+        return np.rint(np.nan_to_num(array) * 255).astype(np.uint8)
+    if array.dtype == np.uint16:
+        return np.rint(array.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError(f"`images`: integer arrays must hold values in [0, 255], got dtype {array.dtype}")
+        return array.astype(np.uint8)
+    raise ValueError(f"`images`: unsupported array dtype {array.dtype}")
+
+
+def _array_to_pil(array: np.ndarray, channels_first: bool) -> Image.Image:
+    """(H, W), (H, W, C) or (C, H, W) with C in {1, 3, 4} -> RGB image.
+
+    numpy arrays are read channels-last unless only the first axis can be channels; torch tensors
+    (`channels_first=True`) the other way round."""
+    if array.ndim == 3:
+        last, first = array.shape[-1] in (1, 3, 4), array.shape[0] in (1, 3, 4)
+        if (channels_first and first) or (not last and first):
+            array = np.moveaxis(array, 0, -1)
+        elif not last:
+            raise ValueError(f"`images`: a 3-D array needs 1, 3 or 4 channels first or last, got shape {array.shape}")
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+    elif array.ndim != 2:
+        raise ValueError(f"`images`: expected an array of shape (H, W), (H, W, C) or (C, H, W), got {array.shape}")
+    if min(array.shape[:2]) == 0:
+        raise ValueError(f"`images`: empty image of shape {array.shape}")
+    pixels = np.ascontiguousarray(_array_to_uint8(array))
+    if pixels.ndim == 2:
+        return Image.fromarray(pixels, mode="L").convert("RGB")
+    if pixels.shape[-1] == 4:
+        return _pil_to_rgb(Image.fromarray(pixels, mode="RGBA"))
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def load_image(image) -> Image.Image:
+    """Return `image` as an RGB `PIL.Image.Image`.
+
+    Accepts a PIL image of any mode (EXIF orientation applied; transparency composited on
+    white), a numpy array ((H, W), (H, W, C) or (C, H, W), C in {1, 3, 4}; uint8, uint16, bool,
+    or float in [0, 1]), a torch tensor (same layouts, read channels-first when ambiguous) or a
+    path (`str` / `Path`) to an image file. Anything else raises `ValueError` naming `images`.
+    """
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as opened:
+                opened.load()
+                return _pil_to_rgb(opened)
+        except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError) as err:
+            raise ValueError(f"`images`: cannot open an image file at {str(image)!r} ({err})") from err
+    if isinstance(image, torch.Tensor):
+        return _array_to_pil(image.detach().cpu().numpy(), channels_first=True)
+    if isinstance(image, np.ndarray):
+        return _array_to_pil(image, channels_first=False)
+    raise ValueError(
+        f"`images` must be PIL images, numpy arrays, torch tensors or image paths; got {_describe(image)}"
+    )
+
+
+def validate_text(text) -> list[str]:
+    """A `str` or a list/tuple of `str` -> list of expressions; empty or blank ones raise `ValueError`."""
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise ValueError(f"`text` must be a non-empty string or a non-empty list of strings, got {_describe(text)}")
+    for index, item in enumerate(texts):
+        if not isinstance(item, str):
+            raise ValueError(f"`text`[{index}] must be a string, got {_describe(item)}")
+        if not item.strip():
+            raise ValueError(f"`text`[{index}] is empty; every expression needs at least one word")
+    return list(texts)
+
+
+def pair_images_and_texts(images, texts) -> tuple[list[Image.Image], list[str], list[int]]:
+    """Pair images with referring expressions, one pair per expression.
+
+    - one image (or a one-element list) with N expressions: the image is paired with each;
+    - N images with N expressions: one to one;
+    - N images with N lists of expressions: each image with each of its expressions (flattened).
+
+    Returns `(images, texts, image_indices)`: one loaded RGB image per expression (the same
+    object repeated for expressions of one image), the flat expressions, and the index into the
+    input images of each pair.
+    """
+    image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not image_list:
+        raise ValueError("`images` is empty; pass at least one image")
+    nested = isinstance(texts, (list, tuple)) and bool(texts) and all(isinstance(t, (list, tuple)) for t in texts)
+    if nested:
+        groups = [validate_text(list(group)) for group in texts]
+    else:
+        flat = validate_text(texts)
+        groups = [flat] if len(image_list) == 1 else [[t] for t in flat]
+    if len(groups) != len(image_list):
+        num_texts = sum(len(g) for g in groups)
+        raise ValueError(
+            f"`images` and `text` do not pair: got {len(image_list)} images and {num_texts} texts"
+            f"{f' in {len(groups)} lists' if nested else ''}; pass one image with any number of texts, "
+            "N images with N texts, or N images with N lists of texts"
+        )
+    loaded = [load_image(image) for image in image_list]
+    paired_images, paired_texts, indices = [], [], []
+    for index, (image, group) in enumerate(zip(loaded, groups)):
+        paired_images.extend([image] * len(group))
+        paired_texts.extend(group)
+        indices.extend([index] * len(group))
+    return paired_images, paired_texts, indices
+
+
+def load_mask(mask) -> np.ndarray:
+    """A ground-truth mask -> bool array (h, w).
+
+    PIL: foreground is any non-zero value (palette index for "P", any colour channel for
+    RGB/RGBA/LA; EXIF orientation applied). numpy / torch: (h, w), (1, h, w) or (h, w, 1); bool
+    as is, integers > 0, floats > 0.5.
+    """
+    if isinstance(mask, Image.Image):
+        mask = ImageOps.exif_transpose(mask)
+        values = np.asarray(mask.convert("RGBA"))[..., :3] if mask.mode in _ALPHA_MODES else np.asarray(mask)
+        return (values > 0).any(axis=-1) if values.ndim == 3 else values > 0
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    if not isinstance(mask, np.ndarray):
+        raise ValueError(f"`masks` must be PIL images, numpy arrays or torch tensors, got {_describe(mask)}")
+    if mask.ndim == 3 and 1 in (mask.shape[0], mask.shape[-1]):
+        mask = mask[0] if mask.shape[0] == 1 else mask[..., 0]
+    if mask.ndim != 2:
+        raise ValueError(f"`masks`: expected a mask of shape (h, w), got shape {mask.shape}")
+    if mask.dtype == np.bool_:
+        return mask.copy()
+    if np.issubdtype(mask.dtype, np.floating):
+        return mask > 0.5
+    return mask > 0
+
+
+def validate_masks(masks, images: Sequence[Image.Image]) -> list[np.ndarray]:
+    """Load `masks` (one per image-text pair, nested lists flattened) and check them against `images`."""
+    if not isinstance(masks, (list, tuple)):
+        masks = [masks]
+    if masks and all(isinstance(m, (list, tuple)) for m in masks):
+        masks = [m for group in masks for m in group]
+    if len(masks) != len(images):
+        raise ValueError(f"`masks`: got {len(masks)} masks for {len(images)} image-text pairs; pass one mask per text")
+    loaded = []
+    for index, (mask, image) in enumerate(zip(masks, images)):
+        array = load_mask(mask)
+        if array.shape != (image.height, image.width):
+            raise ValueError(
+                f"`masks`[{index}] has size (h, w) = {array.shape} but its image has size "
+                f"(h, w) = {(image.height, image.width)}"
+            )
+        loaded.append(array)
+    return loaded
+
+
+def get_original_sizes(images: Sequence[Image.Image]) -> torch.Tensor:
+    """`(B, 2)` long tensor of (height, width) per image."""
+    return torch.tensor([[image.height, image.width] for image in images], dtype=torch.long).reshape(-1, 2)
+
+
+def resize_longest_side_shape(height: int, width: int, longest_side: int) -> tuple[int, int]:
+    """Size after SAM's resize: the longest side becomes `longest_side`, rounding half up."""
+    scale = longest_side / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def _as_size(size, name: str) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, torch.Tensor):
+        size = size.tolist()
+    if not isinstance(size, (list, tuple)) or len(size) != 2:
+        raise ValueError(f"`{name}` must be an int or an (height, width) pair, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def resize_masks_to_input(masks, size, *, longest_side: bool = False) -> torch.Tensor:
+    """Resize masks (each (h, w), any sizes) with nearest neighbour to the model input.
+
+    Args:
+        masks: sequence of masks accepted by `load_mask`.
+        size (`int` or `(H, W)`): model input size.
+        longest_side (`bool`): SAM-style geometry: resize so the longest side is `max(H, W)`
+            keeping the aspect ratio, then zero-pad bottom/right to `(H, W)`; else stretch.
+
+    Returns:
+        `torch.FloatTensor` of shape `(B, H, W)` with values 0/1.
+    """
+    height, width = _as_size(size, "size")
+    out = torch.zeros(len(masks), height, width)
+    for index, mask in enumerate(masks):
+        array = torch.from_numpy(load_mask(mask).astype(np.float32))[None, None]
+        target = resize_longest_side_shape(*array.shape[-2:], max(height, width)) if longest_side else (height, width)
+        resized = F.interpolate(array, size=target, mode="nearest-exact")[0, 0]
+        out[index, : target[0], : target[1]] = resized[:height, :width]
+    return out
+
+
+def _as_target_sizes(target_sizes, batch_size: int) -> list[tuple[int, int]]:
+    if isinstance(target_sizes, torch.Tensor):
+        target_sizes = target_sizes.tolist()
+    if not isinstance(target_sizes, (list, tuple)) or len(target_sizes) != batch_size:
+        count = len(target_sizes) if isinstance(target_sizes, (list, tuple)) else type(target_sizes).__name__
+        raise ValueError(f"`target_sizes` must hold one (height, width) per mask ({batch_size}), got {count}")
+    return [_as_size(size, "target_sizes") for size in target_sizes]
+
+
+def post_process_masks(
+    logits: torch.Tensor, target_sizes, *, threshold: float = 0.5, input_size=None, valid_sizes=None
+) -> list[torch.Tensor]:
+    """Mask logits -> boolean masks at the target (original) sizes.
+
+    Args:
+        logits (`torch.Tensor` of shape `(B, h, w)` or `(B, 1, h, w)`): foreground logits.
+        target_sizes (`(B, 2)` tensor or list of `(height, width)`): output size per mask.
+        threshold (`float`): a pixel is foreground where `sigmoid(logit) > threshold`.
+        input_size (`int` or `(H, W)`, *optional*): the padded model input size; required with
+            `valid_sizes`.
+        valid_sizes (`(B, 2)` tensor or list, *optional*): un-padded (height, width) of each image
+            inside the model input (SAM's `reshaped_input_sizes`). When given, logits are first
+            upsampled (bilinear) to `input_size` and cropped to the valid region.
+
+    Returns:
+        list of `B` bool tensors of shape `(height, width)`: bilinear upsampling of the logits,
+        then thresholding.
+    """
+    if not (isinstance(logits, torch.Tensor) and (logits.dim() == 3 or (logits.dim() == 4 and logits.shape[1] == 1))):
+        raise ValueError(f"`logits` must be a tensor of shape (B, h, w) or (B, 1, h, w), got {_describe(logits)}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"`threshold` must be in (0, 1), got {threshold}")
+    logits = logits.reshape(logits.shape[0], 1, *logits.shape[-2:]).float()
+    sizes = _as_target_sizes(target_sizes, logits.shape[0])
+    if valid_sizes is not None:
+        if input_size is None:
+            raise ValueError("`input_size` is required with `valid_sizes` (the padded model input size)")
+        valid = _as_target_sizes(valid_sizes, logits.shape[0])
+        logits = F.interpolate(logits, size=_as_size(input_size, "input_size"), mode="bilinear", align_corners=False)
+    masks = []
+    for index, size in enumerate(sizes):
+        sample = logits[index : index + 1]
+        if valid_sizes is not None:
+            sample = sample[..., : valid[index][0], : valid[index][1]]
+        sample = F.interpolate(sample, size=size, mode="bilinear", align_corners=False)
+        masks.append(sample[0, 0].sigmoid() > threshold)
+    return masks
+
+
+@dataclass
+class ReferringInputs:
+    """Checked inputs of one processor call; `B` = number of image-text pairs."""
+
+    images: list  # B RGB PIL images (repeated for expressions of one image)
+    texts: list  # B expressions
+    image_indices: list  # B indices into the caller's images
+    masks: Optional[list]  # B bool arrays (h, w) at the original sizes, or None
+    original_sizes: torch.Tensor  # (B, 2) long, (height, width)
+
+
+class ReferringSegmentationProcessorMixin:
+    """Shared behaviour of refseg processors.
+
+    Use as `class XxxProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin)`.
+
+    Class-level hooks a processor sets:
+        threshold (`float`): default binarisation threshold (set from the model config; 0.5).
+        padded_input_size (`int`, *optional*): for SAM-style inputs (longest side resized to this
+            and padded to a square), `post_process_referring_segmentation` crops the padding; the
+            valid region is computed from `target_sizes`, so they must have the original images'
+            aspect ratios (the processor output's `original_sizes` do).
+    """
+
+    threshold: float = 0.5
+    padded_input_size: Optional[int] = None
+
+    def prepare_referring_inputs(self, images, text, masks=None) -> ReferringInputs:
+        """Validate and pair `images` / `text` (/ `masks`) for a processor call."""
+        if images is None:
+            raise ValueError("`images` is required")
+        if text is None:
+            raise ValueError("`text` is required: one referring expression per mask to predict")
+        paired_images, texts, indices = pair_images_and_texts(images, text)
+        loaded_masks = None if masks is None else validate_masks(masks, paired_images)
+        sizes = get_original_sizes(paired_images)
+        # Remembered for `post_process_referring_segmentation(outputs)` without target sizes.
+        # Convenience only: concurrent callers should pass `target_sizes` explicitly.
+        self._last_original_sizes = sizes
+        return ReferringInputs(paired_images, texts, indices, loaded_masks, sizes)
+
+    def post_process_referring_segmentation(
+        self,
+        outputs,
+        target_sizes: Optional[Union[torch.Tensor, Sequence[Sequence[int]]]] = None,
+        threshold: Optional[float] = None,
+    ) -> list[torch.Tensor]:
+        """Model outputs -> list of bool masks `(height, width)` at the original image sizes.
+
+        Args:
+            outputs: a `ReferringSegmentationOutput` (or anything with `.logits` / `["logits"]`)
+                or the logits tensor `(B, h, w)` itself.
+            target_sizes: `(B, 2)` (height, width) per mask, usually the processor output's
+                `original_sizes`; defaults to the sizes of this processor's last call.
+            threshold: defaults to `self.threshold`.
+        """
+        logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
+        if logits is None and isinstance(outputs, dict):
+            logits = outputs.get("logits")
+        if logits is None:
+            raise ValueError(f"`outputs` must be a model output with `logits` or a tensor, got {_describe(outputs)}")
+        if target_sizes is None:
+            target_sizes = getattr(self, "_last_original_sizes", None)
+            if target_sizes is None:
+                raise ValueError("`target_sizes` is required (pass the processor output's `original_sizes`)")
+        threshold = self.threshold if threshold is None else threshold
+        sizes = _as_target_sizes(target_sizes, logits.shape[0])
+        valid_sizes = None
+        if self.padded_input_size is not None:
+            valid_sizes = [resize_longest_side_shape(h, w, self.padded_input_size) for h, w in sizes]
+        return post_process_masks(
+            logits, sizes, threshold=threshold, input_size=self.padded_input_size, valid_sizes=valid_sizes
+        )
+
+
+__all__ = [
+    "ReferringInputs", "ReferringSegmentationProcessorMixin", "get_original_sizes", "load_image", "load_mask",
+    "pair_images_and_texts", "post_process_masks", "resize_longest_side_shape", "resize_masks_to_input",
+    "validate_masks", "validate_text",
+]  # fmt: skip
