@@ -1,0 +1,243 @@
+"""Cross-modal fusion adapters: RISCLIP's PreFusion (inside the encoders) and PostFusion (after them).
+
+Both run pre-LN blocks whose residual branches start at zero, so a fresh fusion adapter leaves
+the features it receives unchanged (PreFusion: the back-projections `s2v`/`s2t` are zero;
+PostFusion: the value projections and the output-projection biases are zero, so the attention
+branches start at zero while the MLP branches do not, as the paper's Appendix A specifies).
+
+A PreFusion adapter joins a layer of the image tower with a layer of the text tower, so it cannot
+wrap a single module: the model that owns it runs the two towers in lockstep and calls it
+between the paired layers (see `refseg.models.risclip`).
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import AdapterModule
+
+
+class FusionAttention(AdapterModule):
+    """Multi-head attention whose queries come from one stream and keys/values from another.
+
+    Args:
+        dim (`int`): width of queries, keys and values (and of the output).
+        num_heads (`int`): heads; `dim` must be divisible by it.
+        learnable_temperature (`bool`): a learnable per-head multiplier `exp(t_h)` (t_h = 0 at
+            init) on the attention logits, on top of the usual `1/sqrt(head_dim)`.
+        zero_value (`bool`): zero-initialise `v_proj` (and the `out_proj` bias), so the block
+            starts with an output of exactly zero.
+        dropout (`float`): dropout on the attention weights.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, *, learnable_temperature: bool = False, zero_value: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"`num_heads` ({num_heads}) must divide the fusion width ({dim})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.zero_value = zero_value
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.temperature = nn.Parameter(torch.empty(num_heads)) if learnable_temperature else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+        if self.zero_value:
+            nn.init.zeros_(self.v_proj.weight)
+        if self.temperature is not None:
+            nn.init.zeros_(self.temperature)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Attend from `queries` (B, Nq, D) to `keys` (B, Nk, D); returns (B, Nq, D).
+
+        `key_padding_mask` (B, Nk): 1/True for real tokens, 0/False for padding (never attended).
+        """
+        q = self._heads(self.q_proj(queries))
+        k = self._heads(self.k_proj(keys))
+        v = self._heads(self.v_proj(keys))
+        if self.temperature is not None:
+            q = q * self.temperature.exp().view(1, -1, 1, 1)
+        mask = None
+        if key_padding_mask is not None:
+            mask = key_padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, Nk)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            scale=1.0 / math.sqrt(self.head_dim),
+        )
+        out = out.transpose(1, 2).reshape(queries.shape[0], queries.shape[1], -1)
+        return self.out_proj(out)
+
+
+class FusionMLP(nn.Module):
+    """Linear -> GELU -> Linear, (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _channel_scale(dim: int, enabled: bool) -> Optional[nn.Parameter]:
+    return nn.Parameter(torch.empty(dim)) if enabled else None
+
+
+class PreFusionAdapter(AdapterModule):
+    """RISCLIP PreFusion (eqs. 5-8) between image layer n and text layer m.
+
+        s_v = W_v2s LN(f_v),  s_t = W_t2s LN(f_t)                   (5)
+        m_v = MHA(q = LN(s_v), k = v = LN(s_t))  (text padding masked)   (6-7)
+        m_t = MHA(q = LN(s_t), k = v = LN(s_v))
+        f_v <- f_v + W_s2v m_v,  f_t <- f_t + W_s2t m_t                (8)
+
+    `W_s2v`/`W_s2t` start at zero, so a fresh adapter returns its inputs unchanged.
+
+    Args:
+        vision_dim / text_dim (`int`): widths of the two towers' hidden states.
+        fusion_dim (`int`): width of the shared space.
+        num_heads (`int`): heads of both cross-attentions.
+        learnable_temperature (`bool`), dropout (`float`): see `FusionAttention`.
+        channel_scale (`bool`) / scale_init (`float`): learnable per-channel scales on the two
+            outputs before they are added back.
+    """
+
+    def __init__(
+        self, vision_dim: int, text_dim: int, fusion_dim: int, num_heads: int, *,
+        learnable_temperature: bool = False, channel_scale: bool = False, scale_init: float = 1.0,
+        dropout: float = 0.0, layer_norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.scale_init = scale_init
+        self.norm_vision = nn.LayerNorm(vision_dim, eps=layer_norm_eps)
+        self.norm_text = nn.LayerNorm(text_dim, eps=layer_norm_eps)
+        self.v2s = nn.Linear(vision_dim, fusion_dim)
+        self.t2s = nn.Linear(text_dim, fusion_dim)
+        self.norm_shared_vision = nn.LayerNorm(fusion_dim, eps=layer_norm_eps)
+        self.norm_shared_text = nn.LayerNorm(fusion_dim, eps=layer_norm_eps)
+        self.vision_cross_attn = FusionAttention(
+            fusion_dim, num_heads, learnable_temperature=learnable_temperature, dropout=dropout
+        )
+        self.text_cross_attn = FusionAttention(
+            fusion_dim, num_heads, learnable_temperature=learnable_temperature, dropout=dropout
+        )
+        self.s2v = nn.Linear(fusion_dim, vision_dim)
+        self.s2t = nn.Linear(fusion_dim, text_dim)
+        self.vision_scale = _channel_scale(vision_dim, channel_scale)
+        self.text_scale = _channel_scale(text_dim, channel_scale)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for norm in (self.norm_vision, self.norm_text, self.norm_shared_vision, self.norm_shared_text):
+            nn.init.ones_(norm.weight)
+            nn.init.zeros_(norm.bias)
+        for proj in (self.v2s, self.t2s):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+        for proj in (self.s2v, self.s2t):  # zero: the adapter starts as the identity
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
+        for scale in (self.vision_scale, self.text_scale):
+            if scale is not None:
+                nn.init.constant_(scale, self.scale_init)
+        self.vision_cross_attn.reset_parameters()
+        self.text_cross_attn.reset_parameters()
+
+    def forward(
+        self, vision_states: torch.Tensor, text_states: torch.Tensor, text_padding_mask: Optional[torch.Tensor] = None
+    ) -> tuple:
+        """Fuse `vision_states` (B, Nv, Cv) and `text_states` (B, Nt, Ct); returns both, same shapes.
+
+        `text_padding_mask` (B, Nt): 1 for real tokens, 0 for padding.
+        """
+        shared_v = self.norm_shared_vision(self.v2s(self.norm_vision(vision_states)))
+        shared_t = self.norm_shared_text(self.t2s(self.norm_text(text_states)))
+        fused_v = self.s2v(self.vision_cross_attn(shared_v, shared_t, text_padding_mask))
+        fused_t = self.s2t(self.text_cross_attn(shared_t, shared_v))
+        if self.vision_scale is not None:
+            fused_v = fused_v * self.vision_scale
+            fused_t = fused_t * self.text_scale
+        return vision_states + fused_v, text_states + fused_t
+
+
+class PostFusionLayer(AdapterModule):
+    """RISCLIP PostFusion: cross-attention, self-attention, MLP (each pre-LN, residual) per modality.
+
+    Both streams live in CLIP's joint space after the final projections, so there is no shared
+    projection. The two cross-attentions read the layer's inputs (as in PreFusion); text padding
+    is masked wherever text tokens are keys. Value projections start at zero (Appendix A).
+
+    Args:
+        dim (`int`): width of both streams (CLIP `projection_dim`).
+        num_heads (`int`), learnable_temperature (`bool`), dropout (`float`): see `FusionAttention`.
+        mlp_ratio (`float`): MLP hidden width / `dim`.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, learnable_temperature: bool = False,
+        dropout: float = 0.0, layer_norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        attn_kwargs = {"learnable_temperature": learnable_temperature, "zero_value": True, "dropout": dropout}
+        hidden = int(dim * mlp_ratio)
+        self.norms = nn.ModuleDict(
+            {name: nn.LayerNorm(dim, eps=layer_norm_eps) for name in
+             ("cross_vision", "cross_text", "self_vision", "self_text", "mlp_vision", "mlp_text")}
+        )
+        self.vision_cross_attn = FusionAttention(dim, num_heads, **attn_kwargs)
+        self.text_cross_attn = FusionAttention(dim, num_heads, **attn_kwargs)
+        self.vision_self_attn = FusionAttention(dim, num_heads, **attn_kwargs)
+        self.text_self_attn = FusionAttention(dim, num_heads, **attn_kwargs)
+        self.vision_mlp = FusionMLP(dim, hidden)
+        self.text_mlp = FusionMLP(dim, hidden)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for norm in self.norms.values():
+            nn.init.ones_(norm.weight)
+            nn.init.zeros_(norm.bias)
+        for attn in (self.vision_cross_attn, self.text_cross_attn, self.vision_self_attn, self.text_self_attn):
+            attn.reset_parameters()
+        for mlp in (self.vision_mlp, self.text_mlp):
+            for fc in (mlp.fc1, mlp.fc2):
+                nn.init.xavier_uniform_(fc.weight)
+                nn.init.zeros_(fc.bias)
+
+    def forward(
+        self, vision_states: torch.Tensor, text_states: torch.Tensor, text_padding_mask: Optional[torch.Tensor] = None
+    ) -> tuple:
+        """`vision_states` (B, Nv, D), `text_states` (B, Nt, D) -> both, same shapes."""
+        n = self.norms
+        v_in, t_in = n["cross_vision"](vision_states), n["cross_text"](text_states)
+        v = vision_states + self.vision_cross_attn(v_in, t_in, text_padding_mask)
+        t = text_states + self.text_cross_attn(t_in, v_in)
+        v_norm, t_norm = n["self_vision"](v), n["self_text"](t)
+        v = v + self.vision_self_attn(v_norm, v_norm)
+        t = t + self.text_self_attn(t_norm, t_norm, text_padding_mask)
+        v = v + self.vision_mlp(n["mlp_vision"](v))
+        t = t + self.text_mlp(n["mlp_text"](t))
+        return v, t
+
+
+__all__ = ["FusionAttention", "FusionMLP", "PostFusionLayer", "PreFusionAdapter"]

@@ -1,0 +1,132 @@
+"""Named configurations: each method at paper scale and at tiny test scale.
+
+`PRESETS[name]` is a `Preset`: the method (`model_type`), the pretrained backbones it is meant to
+start from (`{"clip": "openai/clip-vit-base-patch16"}`, the keywords of `XxxModel.from_backbones`),
+the method's config overrides, and a builder of the backbone sub-configs from their published
+architecture numbers, so `get_config(name)` works offline (no download). Train from a preset with
+`XxxModel.from_backbones(**preset.backbones, **preset.config_overrides)`; instantiate one without
+weights (e.g. on the meta device, to count parameters) with `AutoModel.from_config(get_config(name))`.
+
+Adding a method's presets: write its backbone-config builders (or reuse the CLIP ones here) and add
+`Preset(...)` entries to `PRESETS` under names `<method>-<size>`.
+
+| preset | backbone | input | grid |
+| --- | --- | --- | --- |
+| `risclip-b` | CLIP ViT-B/16 (`openai/clip-vit-base-patch16`) | 640 | 40x40 |
+| `risclip-l` | CLIP ViT-L/14 at 336 (`openai/clip-vit-large-patch14-336`) | 560 | 40x40 |
+| `risclip-tiny` | `refseg.backbones.tiny_clip_config()` (a folder from `save_tiny_backbones`) | 64 | 8x8 |
+"""
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from transformers import CLIPConfig, PreTrainedConfig
+
+
+def clip_vit_b16_config() -> CLIPConfig:
+    """`openai/clip-vit-base-patch16`: ViT-B/16 at 224 (768 wide, 12 layers, 12 heads) and the
+    12-layer, 512-wide text transformer; joint space 512."""
+    return CLIPConfig(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                         max_position_embeddings=77, vocab_size=49408, projection_dim=512),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=16, projection_dim=512),
+        projection_dim=512,
+    )
+
+
+def clip_vit_l14_336_config() -> CLIPConfig:
+    """`openai/clip-vit-large-patch14-336`: ViT-L/14 at 336 (1024 wide, 24 layers, 16 heads) and the
+    12-layer, 768-wide text transformer; joint space 768."""
+    return CLIPConfig(
+        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         max_position_embeddings=77, vocab_size=49408, projection_dim=768),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=336, patch_size=14, projection_dim=768),
+        projection_dim=768,
+    )
+
+
+def _tiny_clip_config() -> CLIPConfig:
+    from .backbones import tiny_clip_config  # the defaults `save_tiny_backbones` writes
+
+    return tiny_clip_config()
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named configuration.
+
+    Attributes:
+        method: the method's `model_type` (`"risclip"`).
+        backbones: `{from_backbones keyword: Hub id}`; empty for tiny presets, whose backbones are
+            local folders written by `refseg.backbones.save_tiny_backbones`.
+        config_overrides: fields of the method config that differ from its defaults.
+        description: one line for tables and model cards.
+        backbone_configs: builds `{sub-config name: config}` from known architecture numbers (offline).
+    """
+
+    method: str
+    backbones: Mapping[str, str]
+    config_overrides: Mapping[str, Any]
+    description: str
+    backbone_configs: Callable[[], dict] = field(repr=False, default=dict)
+
+    def __post_init__(self):  # read-only views, so a shared preset cannot be changed by accident
+        object.__setattr__(self, "backbones", MappingProxyType(dict(self.backbones)))
+        object.__setattr__(self, "config_overrides", MappingProxyType(dict(self.config_overrides)))
+
+
+PRESETS: dict = {
+    "risclip-b": Preset(
+        method="risclip",
+        backbones={"clip": "openai/clip-vit-base-patch16"},
+        config_overrides={"image_size": 640},
+        description="RISCLIP-B: frozen CLIP ViT-B/16 at 640 px (40x40 tokens), adapters in all 12+12 layers, "
+        "6 PreFusion, 6 PostFusion",
+        backbone_configs=lambda: {"clip_config": clip_vit_b16_config()},
+    ),
+    "risclip-l": Preset(
+        method="risclip",
+        backbones={"clip": "openai/clip-vit-large-patch14-336"},
+        config_overrides={"image_size": 560},
+        description="RISCLIP-L: frozen CLIP ViT-L/14 (OpenAI, 336 px pretraining) at 560 px (40x40 tokens), "
+        "adapters in all 24+12 layers, 6 PreFusion, 6 PostFusion",
+        backbone_configs=lambda: {"clip_config": clip_vit_l14_336_config()},
+    ),
+    "risclip-tiny": Preset(
+        method="risclip",
+        backbones={},
+        config_overrides={
+            "image_size": 64,
+            "adapter_bottleneck_dim": 16,
+            "fusion_num_heads": 4,
+            "num_post_fusion_layers": 2,
+            "refiner_hidden_sizes": [16, 16, 8, 8],
+        },
+        description="RISCLIP on the tiny CLIP of refseg.backbones (64 wide, 4 layers, patch 8) at 64 px: "
+        "tests and the quickstart",
+        backbone_configs=lambda: {"clip_config": _tiny_clip_config()},
+    ),
+}
+
+
+def get_config(name: str, **overrides) -> PreTrainedConfig:
+    """The method config of preset `name`, with `overrides` applied on top (built offline).
+
+    The backbone sub-configs come from the preset's architecture numbers, so the config describes the
+    paper-scale model without downloading anything; a model built from it has random weights.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"`name` must be one of {sorted(PRESETS)}, got {name!r}")
+    preset = PRESETS[name]
+    from transformers import AutoConfig
+
+    from . import models  # noqa: F401  (registers the refseg model types with AutoConfig)
+
+    kwargs = {**preset.backbone_configs(), **preset.config_overrides, **overrides}
+    return AutoConfig.for_model(preset.method, **kwargs)
+
+
+__all__ = ["PRESETS", "Preset", "clip_vit_b16_config", "clip_vit_l14_336_config", "get_config"]
