@@ -11,10 +11,11 @@ import importlib
 from .modeling_outputs import ReferringSegmentationOutput
 from .models import *  # noqa: F401,F403  (configs, models, processors; registers Auto classes)
 from .models import __all__ as _models_all
+from . import pipelines as _pipelines  # noqa: E402,F401  (registers "referring-image-segmentation")
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = {"data", "metrics", "losses", "hub", "presets", "adapters", "backbones", "pipelines"}
+_LAZY_SUBMODULES = {"data", "metrics", "losses", "hub", "presets", "adapters", "backbones", "training"}
 
 
 def __getattr__(name):

@@ -1,0 +1,164 @@
+"""refseg demo: type referring expressions, get one coloured mask per expression.
+
+Run locally (after `pip install -e ".[demo]"` in the refseg repository and the quickstart):
+
+    REFSEG_MODEL=refseg-quickstart/model GRADIO_SERVER_PORT=7860 python spaces/refseg-demo/app.py
+
+- `REFSEG_MODEL`: a model folder or Hub id (any refseg method; default `DEFAULT_MODEL`, the
+  quickstart's output folder, relative to the working directory).
+- `GRADIO_SERVER_PORT`: the port (default 7860); `GRADIO_SERVER_NAME` the interface (Gradio's own
+  variable; Spaces set it to 0.0.0.0).
+
+The API endpoint `/segment` takes `(image, text)` and optionally `threshold`; `text` holds one
+expression per line. It returns the `gr.AnnotatedImage` value (the image and one mask per
+expression, labelled "<expression> (<score>)") and a Markdown summary.
+
+State: the loaded pipeline is cached read-only for all visitors (`load_segmenter`); each visitor's
+history lives in a `gr.State`. Nothing else is module-level and mutable.
+"""
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from refseg.data import load_refs_pickle, make_refshapes
+from refseg.pipelines import load_pipeline
+
+DEFAULT_MODEL = "refseg-quickstart/model"
+MODEL_ENV = "REFSEG_MODEL"
+PORT_ENV = "GRADIO_SERVER_PORT"
+DEFAULT_PORT = 7860
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused with a message
+MAX_EXPRESSIONS = 8  # per request; extra lines are dropped with a warning
+HISTORY_LENGTH = 10  # rows of the per-session history
+NUM_EXAMPLE_IMAGES = 3
+
+
+@functools.lru_cache(maxsize=2)
+def load_segmenter(model_path: str):
+    """The pipeline for `model_path`, loaded once per process and only read afterwards.
+
+    Folders exported with remote code load with refseg's own classes (no `trust_remote_code`).
+    """
+    return load_pipeline(model_path, device=-1)
+
+
+def parse_expressions(text) -> list[str]:
+    """One expression per non-blank line; raises `gr.Error` when there is none."""
+    lines = [line.strip() for line in (text or "").splitlines()]
+    expressions = [line for line in lines if line]
+    if not expressions:
+        raise gr.Error("Type at least one referring expression (one per line), e.g. 'the red circle'.")
+    if len(expressions) > MAX_EXPRESSIONS:
+        gr.Warning(f"Only the first {MAX_EXPRESSIONS} expressions are segmented.")
+        expressions = expressions[:MAX_EXPRESSIONS]
+    return expressions
+
+
+def check_image(image) -> Image.Image:
+    """The uploaded image as RGB, or `gr.Error` when it is missing or larger than `MAX_IMAGE_PIXELS`."""
+    if image is None:
+        raise gr.Error("Upload an image first.")
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise gr.Error(
+            f"The image is {image.width} x {image.height} pixels; the demo accepts at most "
+            f"{MAX_IMAGE_PIXELS:,} pixels. Please downscale it."
+        )
+    return image.convert("RGB")
+
+
+def segment_image(segmenter, image, text, threshold=None, history=None):
+    """Run `segmenter` on one image and the expressions in `text`.
+
+    Returns `(annotated, summary, history)`: the `gr.AnnotatedImage` value (image, [(mask in [0, 1]
+    of shape (h, w), label)]), a Markdown table of the scores, and the session history with this
+    request's rows prepended (a new list; the caller's list is not modified).
+    """
+    image = check_image(image)
+    expressions = parse_expressions(text)
+    results = segmenter(image, text=expressions, threshold=threshold)
+    annotations, rows = [], []
+    for result in results:
+        mask = np.asarray(result["mask"], dtype=np.float32) / 255.0  # (h, w) in {0, 1}
+        label = f"{result['text']} ({result['score']:.2f})"
+        annotations.append((mask, label))
+        rows.append((result["text"], result["score"], int(mask.sum())))
+    history = (rows + list(history or []))[:HISTORY_LENGTH]
+    summary = "| expression | score | mask pixels |\n| --- | --- | --- |\n" + "\n".join(
+        f"| {t} | {s:.3f} | {n} |" for t, s, n in rows
+    )
+    return (image, annotations), summary, history
+
+
+def format_history(history) -> str:
+    """Markdown of the session's latest results (newest first)."""
+    if not history:
+        return "**This session:** nothing segmented yet."
+    lines = [f"- {text} (score {score:.2f}, {pixels} px)" for text, score, pixels in history]
+    return "**This session:**\n\n" + "\n".join(lines)
+
+
+def make_examples(folder, num_images: int = NUM_EXAMPLE_IMAGES, seed: int = 0) -> list[list[str]]:
+    """Write a few RefShapes images into `folder`; returns `[[image path, expressions], ...]`."""
+    make_refshapes(folder, num_images=max(5, num_images), seed=seed)
+    refs = load_refs_pickle(Path(folder) / "refshapes" / "refs(unc).p")
+    by_image: dict[int, list[str]] = {}
+    for ref in refs:
+        by_image.setdefault(ref["image_id"], []).append(ref["sentences"][0]["sent"])
+    examples = []
+    for image_id in sorted(by_image)[:num_images]:
+        path = Path(folder) / "images" / f"refshapes_{image_id:06d}.png"
+        examples.append([str(path), "\n".join(by_image[image_id][:2])])
+    return examples
+
+
+def build_demo(model_path: str = DEFAULT_MODEL, examples_dir=None) -> gr.Blocks:
+    """The Blocks app for the model at `model_path` (folder or Hub id); loads the model now."""
+    segmenter = load_segmenter(str(model_path))
+    default_threshold = float(getattr(segmenter.model.config, "threshold", 0.5))
+    examples_dir = examples_dir or tempfile.mkdtemp(prefix="refseg-demo-examples-")
+    examples = make_examples(examples_dir)
+
+    def segment(image, text, threshold=default_threshold, history=None):
+        annotated, summary, history = segment_image(segmenter, image, text, threshold, history)
+        return annotated, summary, history, format_history(history)
+
+    with gr.Blocks(title="refseg: referring image segmentation") as demo:
+        gr.Markdown(
+            "# Referring image segmentation\n"
+            f"Model: `{model_path}`. Upload an image, write one referring expression per line "
+            "(for example *the red circle*), and press **Segment**: each expression gets its own mask."
+        )
+        history = gr.State([])
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="pil", label="Image", image_mode="RGB", elem_id="input-image")
+                text = gr.Textbox(label="Referring expressions (one per line)", lines=3, elem_id="expressions")
+                threshold = gr.Slider(0.05, 0.95, value=default_threshold, step=0.05, label="Mask threshold")
+                button = gr.Button("Segment", variant="primary", elem_id="segment-button")
+            with gr.Column():
+                annotated = gr.AnnotatedImage(label="Masks", height=420, elem_id="result")
+                summary = gr.Markdown(label="Scores", elem_id="summary")
+                history_view = gr.Markdown(format_history([]), label="This session", elem_id="history")
+        gr.Examples(examples=examples, inputs=[image, text], cache_examples=False)
+        event_inputs = [image, text, threshold, history]
+        event_outputs = [annotated, summary, history, history_view]
+        button.click(segment, inputs=event_inputs, outputs=event_outputs, api_name="segment")
+        text.submit(segment, inputs=event_inputs, outputs=event_outputs, api_name=False)
+    return demo
+
+
+def main() -> None:
+    demo = build_demo(os.environ.get(MODEL_ENV, DEFAULT_MODEL))
+    demo.launch(server_port=int(os.environ.get(PORT_ENV, DEFAULT_PORT)))
+
+
+if __name__ == "__main__":
+    main()

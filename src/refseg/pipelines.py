@@ -1,0 +1,166 @@
+"""The "referring-image-segmentation" pipeline.
+
+Importing this module registers the task with `transformers.pipelines.PIPELINE_REGISTRY`, so once
+`refseg` is imported:
+
+    >>> from transformers import pipeline
+    >>> segmenter = pipeline("referring-image-segmentation", model="path/to/risclip")
+    >>> results = segmenter("street.jpg", text=["the man on the left", "the red car"])
+    >>> results[0]["mask"].size == Image.open("street.jpg").size
+    True
+
+`refseg.hub.export` copies this module into exported folders and declares it under
+`custom_pipelines` in `config.json`, so `pipeline("referring-image-segmentation", model=<exported
+folder or Hub id>, trust_remote_code=True)` works without refseg. For such folders transformers asks
+for `trust_remote_code=True` even when refseg is imported (the folder declares custom pipeline code);
+pass it, or use `load_pipeline(folder)`, which names `pipeline_class=ReferringImageSegmentationPipeline`.
+
+Inputs: an image (PIL image of any mode, numpy array, torch tensor, file path or http(s) URL) and
+`text`, one expression or a list of them; or a dict `{"image": ..., "text": ...}`; or a list of
+either (one result list per image). Output per image: a list with one dict per expression, in order:
+
+- `"text"`: the expression;
+- `"mask"`: `PIL.Image` of mode "L" with values 0 / 255 at the image's size (after EXIF rotation),
+  from the processor's `post_process_referring_segmentation`;
+- `"score"`: the mean foreground probability (sigmoid of the logits) over the pixels predicted as
+  foreground at the model's output resolution, with the same threshold as the mask; 0.0 when no
+  pixel is predicted. A rough confidence in [threshold, 1], not a calibrated probability.
+
+The threshold is the `threshold` call/constructor argument, else the model config's `threshold`,
+else the processor's default.
+
+Only torch, numpy, PIL, transformers and `processing_utils` are imported, so the module travels
+with exported model code.
+"""
+
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModel, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .processing_utils import load_image
+
+logger = logging.getLogger(__name__)
+
+TASK = "referring-image-segmentation"
+
+
+def _load_pipeline_image(image, timeout=None) -> Image.Image:
+    """RGB PIL image from a URL (via transformers) or anything `processing_utils.load_image` reads."""
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        from transformers.image_utils import load_image as load_remote_image
+
+        image = load_remote_image(image, timeout=timeout)
+    return load_image(image)
+
+
+class ReferringImageSegmentationPipeline(Pipeline):
+    """Segment the object each referring expression describes (see the module docstring).
+
+    Args (constructor, besides `Pipeline`'s):
+        threshold (`float`, *optional*): default mask threshold for every call.
+
+    Call:
+        `pipe(image, text="...", threshold=None, timeout=None)`; `image` may also be a dict
+        `{"image", "text"}` or a list of images / dicts.
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _load_video_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise ValueError(
+                "`processor` is required: pass the model's processor, or a model folder/Hub id that holds one"
+            )
+
+    def __call__(self, image, text=None, **kwargs):
+        """Segment `text` (a string or a list of strings) in `image`; see the module docstring."""
+        if text is not None:
+            kwargs["text"] = text
+        return super().__call__(image, **kwargs)
+
+    def _sanitize_parameters(self, text=None, threshold=None, timeout=None, **kwargs):
+        kwargs.pop("local_files_only", None)  # `pipeline()` forwards it to the constructor as well
+        if kwargs:
+            raise ValueError(f"unexpected arguments for the {TASK} pipeline: {sorted(kwargs)}")
+        preprocess_params, postprocess_params = {}, {}
+        if text is not None:
+            preprocess_params["text"] = text
+        if timeout is not None:
+            preprocess_params["timeout"] = timeout
+        if threshold is not None:
+            if not 0.0 < float(threshold) < 1.0:
+                raise ValueError(f"`threshold` must be in (0, 1), got {threshold!r}")
+            postprocess_params["threshold"] = float(threshold)
+        return preprocess_params, {}, postprocess_params
+
+    def preprocess(self, inputs, text=None, timeout=None):
+        if isinstance(inputs, dict):
+            if "image" not in inputs:
+                raise ValueError("`image`: a dict input needs an 'image' key (and a 'text' key)")
+            text = inputs.get("text", text)
+            inputs = inputs["image"]
+        if text is None:
+            raise ValueError("`text` is required: pass one referring expression or a list of them")
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, (list, tuple)):
+            raise ValueError(f"`text` must be a string or a list of strings, got {type(text).__name__}")
+        image = _load_pipeline_image(inputs, timeout=timeout)
+        model_inputs = self.processor(images=image, text=list(texts), return_tensors="pt")
+        original_sizes = model_inputs.pop("original_sizes")
+        return {"model_inputs": dict(model_inputs), "original_sizes": original_sizes, "texts": list(texts)}
+
+    def _forward(self, model_inputs):
+        dtype = self.model.dtype
+        inputs = {
+            name: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+            for name, value in model_inputs["model_inputs"].items()
+        }
+        outputs = self.model(**inputs)
+        return {"logits": outputs.logits, "original_sizes": model_inputs["original_sizes"], "texts": model_inputs["texts"]}
+
+    def postprocess(self, model_outputs, threshold=None):
+        logits = model_outputs["logits"].float()  # (B, h, w)
+        if threshold is None:
+            threshold = getattr(self.model.config, "threshold", None)
+        masks = self.processor.post_process_referring_segmentation(
+            logits, target_sizes=model_outputs["original_sizes"], threshold=threshold
+        )
+        if threshold is None:
+            threshold = getattr(self.processor, "threshold", 0.5)
+        probabilities = logits.sigmoid()
+        results = []
+        for text, mask, probability in zip(model_outputs["texts"], masks, probabilities):
+            foreground = probability > threshold
+            score = float(probability[foreground].mean()) if bool(foreground.any()) else 0.0
+            pixels = mask.cpu().numpy().astype(np.uint8) * 255
+            results.append({"text": text, "mask": Image.fromarray(pixels), "score": score})  # uint8 (h, w) -> "L"
+        return results
+
+
+def load_pipeline(model, **kwargs) -> ReferringImageSegmentationPipeline:
+    """`transformers.pipeline(TASK, model=model, pipeline_class=ReferringImageSegmentationPipeline, **kwargs)`.
+
+    Naming the class keeps folders exported with remote code (which declare `custom_pipelines`) on
+    this module's code, with no `trust_remote_code`; the model and processor load through the Auto
+    classes as usual.
+    """
+    from transformers import pipeline
+
+    return pipeline(TASK, model=model, pipeline_class=ReferringImageSegmentationPipeline, **kwargs)
+
+
+if TASK not in PIPELINE_REGISTRY.supported_tasks:
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=ReferringImageSegmentationPipeline, pt_model=AutoModel, type="multimodal"
+    )
+
+__all__ = ["TASK", "ReferringImageSegmentationPipeline", "load_pipeline"]

@@ -1,0 +1,324 @@
+"""Hub export: remote-code folder loading without refseg, model cards, push script (no network)."""
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import refseg.pipelines  # noqa: F401  (registers the pipeline task)
+from refseg.hub import build_model_card, export, load_eval_results, module_closure
+from refseg.hub.remote_code import flat_module_name
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 64
+TEXTS = ["the red circle", "the blue square"]
+EVAL_RESULTS = {
+    "val": {"oIoU": 0.612345, "mIoU": 0.634567, "precision@0.5": 0.7, "precision@0.9": 0.05, "num_samples": 40},
+    "testA": {"oIoU": 0.5, "mIoU": 0.519999, "precision@0.5": 0.525, "precision@0.9": 0.0, "num_samples": 12},
+}
+# Table 1 of the RISCLIP paper: (mIoU, oIoU) per (dataset, split).
+PAPER_B = {
+    ("RefCOCO", "val"): (75.68, 74.82), ("RefCOCO", "testA"): (78.01, 76.64), ("RefCOCO", "testB"): (72.46, 71.06),
+    ("RefCOCO+", "val"): (69.16, 67.64), ("RefCOCO+", "testA"): (73.53, 72.89), ("RefCOCO+", "testB"): (60.68, 59.33),
+    ("RefCOCOg (UMD)", "val"): (67.62, 67.76), ("RefCOCOg (UMD)", "test"): (67.97, 69.05),
+}
+PAPER_L = {
+    ("RefCOCO", "val"): (78.87, 76.92), ("RefCOCO", "testA"): (81.46, 80.99), ("RefCOCO", "testB"): (75.41, 73.04),
+    ("RefCOCO+", "val"): (74.38, 69.33), ("RefCOCO+", "testA"): (78.77, 74.56), ("RefCOCO+", "testB"): (66.84, 61.87),
+    ("RefCOCOg (UMD)", "val"): (71.82, 69.20), ("RefCOCOg (UMD)", "test"): (71.65, 70.19),
+}
+
+# Runs in a fresh interpreter where `import refseg` is made impossible (refseg is installed in
+# editable mode here, so a meta-path finder refuses it), loads the export with remote code and
+# writes what it computed for the parent test to compare.
+REMOTE_SCRIPT = r'''
+import importlib.abc, json, sys
+
+class RefuseRefseg(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "refseg" or name.startswith("refseg."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked for this test)", name=name)
+        return None
+
+sys.meta_path.insert(0, RefuseRefseg())
+try:
+    import refseg  # noqa: F401
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("refseg is importable in the remote-code check")
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoModel, AutoProcessor, pipeline
+
+folder, image_path, out_path = sys.argv[1:4]
+texts = json.loads(sys.argv[4])
+image = Image.open(image_path)
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+inputs = processor(images=image, text=texts, return_tensors="pt")
+inputs.pop("original_sizes")
+with torch.no_grad():
+    logits = model(**inputs).logits
+segmenter = pipeline("referring-image-segmentation", model=folder, trust_remote_code=True)
+results = segmenter(image, text=texts)
+masks = torch.from_numpy(np.stack([np.asarray(r["mask"]) for r in results]))
+save_file({"pixel_values": inputs["pixel_values"], "input_ids": inputs["input_ids"], "logits": logits,
+           "masks": masks, "scores": torch.tensor([r["score"] for r in results], dtype=torch.float64)}, out_path)
+loaded = sorted(m for m in sys.modules if m == "refseg" or m.startswith("refseg."))
+classes = [type(model).__module__, type(processor).__module__, type(segmenter).__module__]
+print(json.dumps({"refseg_modules": loaded, "classes": classes, "texts": [r["text"] for r in results]}))
+'''
+
+
+def build_tiny_risclip(clip_dir, *, steps=2, seed=0):
+    """A tiny RISCLIP and its processor, a few optimizer steps away from initialisation (both stages)."""
+    from refseg import RisclipModel, RisclipProcessor
+
+    torch.manual_seed(seed)
+    model = RisclipModel.from_backbones(clip=clip_dir, image_size=IMAGE_SIZE)
+    processor = RisclipProcessor.from_backbones(clip=clip_dir, image_size=IMAGE_SIZE)
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)) for _ in range(2)]
+    masks = [rng.random((40, 52)) > 0.5 for _ in range(2)]
+    batch = processor(images=images, text=TEXTS, masks=masks, return_tensors="pt")
+    batch.pop("original_sizes")
+    for stage in ("locator", "refiner"):
+        model.set_training_stage(stage)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for _ in range(steps):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return model.eval(), processor
+
+
+def scene():
+    image = Image.new("RGB", (61, 47), (230, 230, 230))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((5, 5, 25, 25), fill=(220, 20, 20))
+    draw.rectangle((35, 20, 55, 40), fill=(20, 20, 220))
+    return image
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_backbones, tmp_path_factory):
+    model, processor = build_tiny_risclip(tiny_backbones["clip"])
+    saved = tmp_path_factory.mktemp("risclip-trained")
+    model.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    return model, processor, saved
+
+
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "eval_refshapes.json"
+    path.write_text(json.dumps(EVAL_RESULTS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(trained, eval_file, tmp_path_factory):
+    model, processor, _ = trained
+    out = tmp_path_factory.mktemp("export") / "risclip-tiny"
+    return export(model, processor, out, card_data="risclip-tiny", eval_results=eval_file,
+                  eval_dataset="refshapes", repo_id="refseg-test/risclip-tiny")
+
+
+def test_export_writes_a_hub_folder(exported):
+    names = {p.name for p in exported.iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json", "README.md"} <= names
+    assert {"configuration_risclip.py", "modeling_risclip.py", "processing_risclip.py", "pipelines.py",
+            "processing_utils.py", "modeling_outputs.py", "losses.py"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    config = json.loads((exported / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_risclip.RisclipConfig",
+                                  "AutoModel": "modeling_risclip.RisclipModel"}
+    assert config["custom_pipelines"]["referring-image-segmentation"] == {
+        "impl": "pipelines.ReferringImageSegmentationPipeline", "pt": ["AutoModel"], "type": "multimodal"}
+    processor_config = json.loads((exported / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_risclip.RisclipProcessor"
+    for path in exported.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and (exported / f"{node.module}.py").is_file(), (path.name, node.module)
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not [m for m in modules if m.split(".")[0] == "refseg"], path.name
+
+
+def test_remote_code_loads_without_refseg_and_matches(trained, exported, tmp_path):
+    model, processor, _ = trained
+    image = scene()
+    image_path, out_path, script = tmp_path / "scene.png", tmp_path / "remote.safetensors", tmp_path / "remote.py"
+    image.save(image_path)
+    script.write_text(REMOTE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false")
+    completed = subprocess.run(
+        [sys.executable, str(script), str(exported), str(image_path), str(out_path), json.dumps(TEXTS)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["refseg_modules"] == []
+    assert all(c.startswith("transformers_modules.") for c in report["classes"]), report["classes"]
+    assert report["texts"] == TEXTS
+    remote = load_file(out_path)
+
+    inputs = processor(images=image, text=TEXTS, return_tensors="pt")
+    inputs.pop("original_sizes")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.equal(remote["pixel_values"], inputs["pixel_values"])
+    assert torch.equal(remote["input_ids"], inputs["input_ids"])
+    torch.testing.assert_close(remote["logits"], logits, atol=1e-6, rtol=0)
+
+    segmenter = refseg.pipelines.load_pipeline(str(exported))
+    local = segmenter(image, text=TEXTS)
+    assert torch.equal(remote["masks"], torch.from_numpy(np.stack([np.asarray(r["mask"]) for r in local])))
+    torch.testing.assert_close(remote["scores"], torch.tensor([r["score"] for r in local], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+
+
+def test_export_loads_with_refseg_classes(trained, exported):
+    from transformers import AutoModel, AutoProcessor
+
+    from refseg import RisclipModel, RisclipProcessor
+
+    model, processor, _ = trained
+    reloaded = AutoModel.from_pretrained(exported).eval()
+    assert type(reloaded) is RisclipModel
+    assert type(AutoProcessor.from_pretrained(exported)) is RisclipProcessor
+    inputs = processor(images=scene(), text=TEXTS, return_tensors="pt")
+    inputs.pop("original_sizes")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_export_without_remote_code_and_overwrite_rules(trained, tmp_path):
+    model, processor, _ = trained
+    out = export(model, processor, tmp_path / "plain", remote_code=False, card_data="risclip-tiny")
+    assert not list(out.glob("*.py"))
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    assert "custom_code" not in ModelCard.load(out / "README.md").data.tags
+    with pytest.raises(ValueError, match="out_dir"):
+        export(model, processor, out, remote_code=False)
+    assert export(model, processor, out, overwrite=True) == out
+    assert (out / "modeling_risclip.py").is_file()
+
+
+def parse_table(text, heading):
+    """Rows (lists of cell strings) of the first Markdown table after `heading`."""
+    section = text.split(heading, 1)[1]
+    section = re.split(r"\n#{2,3} ", section, maxsplit=1)[0]
+    rows = [line.strip().strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in row] for row in rows[2:]]  # skip the header and the --- line
+
+
+def test_card_metadata_and_measured_table_round_trip(exported):
+    card = ModelCard.load(exported / "README.md")
+    data = card.data
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "image-segmentation"
+    assert data.license == "apache-2.0"
+    assert {"refseg", "risclip", "referring-image-segmentation", "custom_code"} <= set(data.tags)
+    assert data.model_name == "risclip-tiny"
+    from_index = {(r.dataset_split, r.metric_type): r.metric_value for r in data.eval_results}
+    assert {r.dataset_type for r in data.eval_results} == {"refshapes"}
+    expected = {(split, key): round(100 * value, 2) for split, metrics in EVAL_RESULTS.items()
+                for key, value in metrics.items() if key != "num_samples"}
+    assert from_index == expected
+
+    rows = parse_table(card.content, "### Measured with refseg")
+    header = ["oIoU", "mIoU", "precision@0.5", "precision@0.9"]
+    parsed = {row[0]: row[1:] for row in rows}
+    assert set(parsed) == set(EVAL_RESULTS)
+    for split, metrics in EVAL_RESULTS.items():
+        assert [float(c) for c in parsed[split][:4]] == [round(100 * metrics[k], 2) for k in header]
+        assert int(parsed[split][4]) == metrics["num_samples"]
+    assert "reports no results for this test-scale configuration" in card.content
+
+
+@pytest.mark.parametrize("preset, paper", [("risclip-b", PAPER_B), ("risclip-l", PAPER_L)])
+def test_paper_cards_keep_reported_numbers_apart(preset, paper, tmp_path):
+    from refseg.presets import PRESETS
+
+    path = tmp_path / "README.md"
+    build_model_card(preset, repo_id=f"refseg-test/{preset}").save(path)
+    card = ModelCard.load(path)
+    assert card.data.base_model == PRESETS[preset].backbones["clip"]  # the CLIP checkpoint the preset builds on
+    assert "jxu124/refcoco" in card.data.datasets
+    assert card.data.eval_results is None  # paper numbers never enter model-index
+    rows = parse_table(card.content, "### Reported in the paper")
+    assert {(r[0], r[1]): (float(r[2]), float(r[3])) for r in rows} == paper
+    measured = card.content.split("### Measured with refseg", 1)[1]
+    assert "No evaluation results were supplied" in measured and "|" not in measured.split("## ")[0]
+    assert card.content.index("### Reported in the paper") < card.content.index("### Measured with refseg")
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"val": {"mIoU": 75.3}}, "fraction"), ({"val": {"mIoU": "high"}}, "fraction"), ({}, "non-empty"),
+     ({"val": {"num_samples": -1}}, "num_samples"), ("/does/not/exist.json", "does not exist")],
+)
+def test_eval_results_are_validated(bad, match):
+    with pytest.raises(ValueError, match=match):
+        load_eval_results(bad)
+
+
+def test_unknown_card_name_is_refused():
+    with pytest.raises(ValueError, match="card_data"):
+        build_model_card("risclip-xxl")
+
+
+def test_shipped_templates_match_hub_cards():
+    repo, shipped = REPO_ROOT / "hub_cards", REPO_ROOT / "src" / "refseg" / "hub" / "templates"
+    names = sorted(p.name for p in repo.iterdir() if p.is_file())
+    assert names == sorted(p.name for p in shipped.iterdir() if p.is_file())
+    for name in names:
+        assert (repo / name).read_bytes() == (shipped / name).read_bytes(), f"copy hub_cards/{name} to {shipped}"
+
+
+def test_module_closure_follows_refseg_imports_only():
+    closure = module_closure(["refseg.models.risclip.modeling_risclip"])
+    assert closure[0] == "refseg.models.risclip.modeling_risclip"
+    assert {"refseg.models.risclip.configuration_risclip", "refseg.modeling_outputs", "refseg.losses"} <= set(closure)
+    assert not [m for m in closure if m.split(".")[1] in ("data", "training", "metrics", "hub")]
+    assert flat_module_name("refseg.models.risclip.modeling_risclip") == "modeling_risclip"
+    assert flat_module_name("refseg.adapters.layers") == "adapters_layers"
+    with pytest.raises(ValueError, match="module"):
+        flat_module_name("refseg")
+
+
+def test_push_script_writes_the_folder_without_pushing(trained, eval_file):
+    _, _, saved = trained
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "push_to_hub.py"), "--model", str(saved),
+         "--repo_id", "refseg-test/risclip-tiny", "--preset", "risclip-tiny", "--eval_results", str(eval_file)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "not uploaded" in completed.stdout
+    out = saved / "hub-export"
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_risclip.RisclipModel"
+    card = ModelCard.load(out / "README.md")
+    assert {r.dataset_type for r in card.data.eval_results} == {"refshapes"}  # from the file name
+    assert 'model="refseg-test/risclip-tiny"' in card.content

@@ -1,0 +1,164 @@
+"""The "referring-image-segmentation" pipeline on a tiny trained RISCLIP (no network)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import refseg.pipelines  # noqa: F401  (registers the task; `import refseg` does it too once wired)
+from refseg.pipelines import TASK, ReferringImageSegmentationPipeline, load_pipeline
+
+IMAGE_SIZE = 64  # model input side: 8 x 8 tokens with the tiny CLIP's patch 8
+
+
+def build_tiny_risclip(clip_dir, out_dir, *, steps=2, seed=0):
+    """A tiny RISCLIP a few optimizer steps away from its initialisation (both stages), saved to `out_dir`."""
+    from refseg import RisclipModel, RisclipProcessor
+
+    torch.manual_seed(seed)
+    model = RisclipModel.from_backbones(clip=clip_dir, image_size=IMAGE_SIZE)
+    processor = RisclipProcessor.from_backbones(clip=clip_dir, image_size=IMAGE_SIZE)
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)) for _ in range(2)]
+    masks = [rng.random((40, 52)) > 0.5 for _ in range(2)]
+    batch = processor(images=images, text=["the red circle", "the blue square"], masks=masks, return_tensors="pt")
+    batch.pop("original_sizes")
+    for stage in ("locator", "refiner"):
+        model.set_training_stage(stage)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for _ in range(steps):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def scene(width=61, height=47):
+    """An odd-sized image with two shapes."""
+    image = Image.new("RGB", (width, height), (230, 230, 230))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((5, 5, 25, 25), fill=(220, 20, 20))
+    draw.rectangle((35, 20, 55, 40), fill=(20, 20, 220))
+    return image
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_backbones, tmp_path_factory):
+    return build_tiny_risclip(tiny_backbones["clip"], tmp_path_factory.mktemp("risclip-pipeline"))
+
+
+@pytest.fixture(scope="module")
+def segmenter(model_dir):
+    from transformers import pipeline
+
+    return pipeline(TASK, model=str(model_dir))
+
+
+def expected(segmenter, image, texts, threshold=None):
+    """Masks and scores computed by hand from the pipeline's own model and processor."""
+    inputs = segmenter.processor(images=image, text=texts, return_tensors="pt")
+    sizes = inputs.pop("original_sizes")
+    with torch.no_grad():
+        logits = segmenter.model(**inputs).logits
+    threshold = segmenter.model.config.threshold if threshold is None else threshold
+    masks = segmenter.processor.post_process_referring_segmentation(logits, sizes, threshold=threshold)
+    probabilities = logits.sigmoid()
+    scores = []
+    for probability in probabilities:
+        foreground = probability > threshold
+        scores.append(float(probability[foreground].mean()) if foreground.any() else 0.0)
+    return [m.numpy() for m in masks], scores, probabilities
+
+
+def test_task_is_registered_and_built_from_a_folder(segmenter):
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    assert TASK in PIPELINE_REGISTRY.get_supported_tasks()
+    assert isinstance(segmenter, ReferringImageSegmentationPipeline)
+    assert type(segmenter.model).__name__ == "RisclipModel"
+
+
+def test_outputs_match_model_and_processor(segmenter):
+    image = scene()
+    texts = ["the red circle", "the blue square"]
+    results = segmenter(image, text=texts)
+    masks, scores, _ = expected(segmenter, image, texts)
+    assert [r["text"] for r in results] == texts
+    for result, mask, score in zip(results, masks, scores):
+        assert result["mask"].mode == "L"
+        assert result["mask"].size == image.size
+        pixels = np.asarray(result["mask"])
+        assert set(np.unique(pixels)) <= {0, 255}
+        np.testing.assert_array_equal(pixels > 0, mask)
+        assert result["score"] == pytest.approx(score, abs=1e-6)
+        assert 0.0 <= result["score"] <= 1.0
+
+
+def test_single_expression_gives_a_one_element_list(segmenter):
+    results = segmenter(scene(), text="the red circle")
+    assert len(results) == 1 and results[0]["text"] == "the red circle"
+
+
+def test_threshold_argument_is_used(segmenter):
+    image = scene()
+    _, _, probabilities = expected(segmenter, image, ["the red circle"])
+    threshold = float(probabilities.flatten().median().clamp(0.01, 0.99))
+    masks, scores, _ = expected(segmenter, image, ["the red circle"], threshold=threshold)
+    assert 0 < masks[0].sum() < masks[0].size  # a non-trivial mask, so the comparison means something
+    (result,) = segmenter(image, text="the red circle", threshold=threshold)
+    np.testing.assert_array_equal(np.asarray(result["mask"]) > 0, masks[0])
+    assert result["score"] == pytest.approx(scores[0], abs=1e-6)
+
+
+def test_image_as_path_array_dict_and_list(segmenter, tmp_path):
+    image = scene()
+    path = tmp_path / "scene.png"
+    image.save(path)
+    reference = [np.asarray(r["mask"]) for r in segmenter(image, text=["the red circle", "the blue square"])]
+    variants = [
+        segmenter(str(path), text=["the red circle", "the blue square"]),
+        segmenter(np.asarray(image), text=["the red circle", "the blue square"]),
+        segmenter({"image": image, "text": ["the red circle", "the blue square"]}),
+    ]
+    for results in variants:
+        for result, mask in zip(results, reference):
+            np.testing.assert_array_equal(np.asarray(result["mask"]), mask)
+    batched = segmenter([image, scene(33, 70)], text="the red circle")
+    assert len(batched) == 2 and batched[1][0]["mask"].size == (33, 70)
+    np.testing.assert_array_equal(np.asarray(batched[0][0]["mask"]), reference[0])
+
+
+def test_exif_orientation_gives_masks_of_the_displayed_size(segmenter, tmp_path):
+    image = scene(60, 40)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    (result,) = segmenter(str(path), text="the red circle")
+    assert result["mask"].size == (40, 60)
+
+
+def test_load_pipeline_names_the_class(model_dir):
+    segmenter = load_pipeline(str(model_dir))
+    assert isinstance(segmenter, ReferringImageSegmentationPipeline)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda pipe: pipe(scene()), "`text` is required"),
+        (lambda pipe: pipe(scene(), text=""), "text"),
+        (lambda pipe: pipe(scene(), text=["ok", "  "]), "text"),
+        (lambda pipe: pipe(scene(), text=3), "text"),
+        (lambda pipe: pipe(12345, text="the red circle"), "images"),
+        (lambda pipe: pipe(scene(), text="the red circle", threshold=1.5), "threshold"),
+        (lambda pipe: pipe(scene(), text="the red circle", thresold=0.3), "unexpected"),
+    ],
+)
+def test_bad_input_raises_value_error(segmenter, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(segmenter)
