@@ -28,3 +28,48 @@ def refshapes_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("refshapes")
     make_refshapes(root, num_images=60, seed=0)
     return root
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models run fastest on one thread, and then do not fight other processes for cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_risclip(tiny_backbones, tmp_path_factory):
+    """`(model, processor, folder)`: a tiny RISCLIP (64 px, 8x8 tokens) a few optimizer steps past
+    its initialisation in both stages, so no weight is at its initial value, saved to `folder`."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from refseg import RisclipModel, RisclipProcessor
+
+    clip_dir = tiny_backbones["clip"]
+    torch.manual_seed(0)
+    model = RisclipModel.from_backbones(clip=clip_dir, image_size=64)
+    processor = RisclipProcessor.from_backbones(clip=clip_dir, image_size=64)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)) for _ in range(2)]
+    masks = [rng.random((40, 52)) > 0.5 for _ in range(2)]
+    batch = processor(images=images, text=["the red circle", "the blue square"], masks=masks, return_tensors="pt")
+    batch.pop("original_sizes")
+    for stage in ("locator", "refiner"):
+        model.set_training_stage(stage)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for _ in range(2):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval()
+    folder = tmp_path_factory.mktemp("risclip-trained")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor, folder

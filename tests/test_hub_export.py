@@ -20,7 +20,6 @@ from refseg.hub import build_model_card, export, load_eval_results, module_closu
 from refseg.hub.remote_code import flat_module_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-IMAGE_SIZE = 64
 TEXTS = ["the red circle", "the blue square"]
 EVAL_RESULTS = {
     "val": {"oIoU": 0.612345, "mIoU": 0.634567, "precision@0.5": 0.7, "precision@0.9": 0.05, "num_samples": 40},
@@ -84,29 +83,6 @@ print(json.dumps({"refseg_modules": loaded, "classes": classes, "texts": [r["tex
 '''
 
 
-def build_tiny_risclip(clip_dir, *, steps=2, seed=0):
-    """A tiny RISCLIP and its processor, a few optimizer steps away from initialisation (both stages)."""
-    from refseg import RisclipModel, RisclipProcessor
-
-    torch.manual_seed(seed)
-    model = RisclipModel.from_backbones(clip=clip_dir, image_size=IMAGE_SIZE)
-    processor = RisclipProcessor.from_backbones(clip=clip_dir, image_size=IMAGE_SIZE)
-    rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)) for _ in range(2)]
-    masks = [rng.random((40, 52)) > 0.5 for _ in range(2)]
-    batch = processor(images=images, text=TEXTS, masks=masks, return_tensors="pt")
-    batch.pop("original_sizes")
-    for stage in ("locator", "refiner"):
-        model.set_training_stage(stage)
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        for _ in range(steps):
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    return model.eval(), processor
-
-
 def scene():
     image = Image.new("RGB", (61, 47), (230, 230, 230))
     draw = ImageDraw.Draw(image)
@@ -116,12 +92,8 @@ def scene():
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_backbones, tmp_path_factory):
-    model, processor = build_tiny_risclip(tiny_backbones["clip"])
-    saved = tmp_path_factory.mktemp("risclip-trained")
-    model.save_pretrained(saved)
-    processor.save_pretrained(saved)
-    return model, processor, saved
+def trained(tiny_trained_risclip):
+    return tiny_trained_risclip
 
 
 @pytest.fixture(scope="module")

@@ -5,36 +5,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import refseg.pipelines  # noqa: F401  (registers the task; `import refseg` does it too once wired)
+import refseg  # noqa: F401  (registers the task)
 from refseg.pipelines import TASK, ReferringImageSegmentationPipeline, load_pipeline
 
-IMAGE_SIZE = 64  # model input side: 8 x 8 tokens with the tiny CLIP's patch 8
-
-
-def build_tiny_risclip(clip_dir, out_dir, *, steps=2, seed=0):
-    """A tiny RISCLIP a few optimizer steps away from its initialisation (both stages), saved to `out_dir`."""
-    from refseg import RisclipModel, RisclipProcessor
-
-    torch.manual_seed(seed)
-    model = RisclipModel.from_backbones(clip=clip_dir, image_size=IMAGE_SIZE)
-    processor = RisclipProcessor.from_backbones(clip=clip_dir, image_size=IMAGE_SIZE)
-    rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)) for _ in range(2)]
-    masks = [rng.random((40, 52)) > 0.5 for _ in range(2)]
-    batch = processor(images=images, text=["the red circle", "the blue square"], masks=masks, return_tensors="pt")
-    batch.pop("original_sizes")
-    for stage in ("locator", "refiner"):
-        model.set_training_stage(stage)
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        for _ in range(steps):
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    model.eval()
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
 
 
 def scene(width=61, height=47):
@@ -47,8 +20,8 @@ def scene(width=61, height=47):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_backbones, tmp_path_factory):
-    return build_tiny_risclip(tiny_backbones["clip"], tmp_path_factory.mktemp("risclip-pipeline"))
+def model_dir(tiny_trained_risclip):
+    return tiny_trained_risclip[2]
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ HEADS = dict(adapter_bottleneck_dim=8, fusion_num_heads=4, num_post_fusion_layer
 TINY = dict(PRESETS["risclip-tiny"].config_overrides)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread, and do not fight other processes for cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def small_clip_config(patch_size=8, vision_layers=3, text_layers=2):

@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Speed and memory of refseg models, measured in one run (ratios within the run, not across runs).
+
+    python scripts/benchmark.py [--preset risclip-tiny] [--image_size 96] [--batch_size 16] [--steps 20]
+
+Builds the preset on a locally made tiny CLIP (or `--clip <folder>` for a real checkpoint) and
+reports, on this machine: a training step of each stage (forward + backward + AdamW), inference
+throughput, and peak resident memory (`ru_maxrss`). Nothing here is asserted by the tests; the
+numbers are for the README and for comparing changes on one machine.
+"""
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from refseg.backbones import save_tiny_backbones
+from refseg.presets import PRESETS
+from refseg.training import get_method
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="risclip-tiny")
+    p.add_argument("--clip", default=None, help="CLIP folder or id (default: a fresh tiny CLIP)")
+    p.add_argument("--image_size", type=int, default=96)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after 3 warm-up steps)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p.parse_args(argv)
+
+
+def timed(fn, steps, warmup=3):
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    spec = get_method(preset.method)
+    model_cls, processor_cls = spec.load_classes()
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = args.clip or str(save_tiny_backbones(tmp, seed=0)["clip"])
+        overrides = {**preset.config_overrides, "image_size": args.image_size}
+        torch.manual_seed(0)
+        model = model_cls.from_backbones(clip=clip, **overrides)
+        processor = processor_cls.from_backbones(clip=clip, image_size=args.image_size)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (150, 130, 3), dtype=np.uint8)) for _ in range(args.batch_size)]
+    masks = [rng.random((150, 130)) > 0.7 for _ in range(args.batch_size)]
+    batch = processor(images=images, text=["the red circle on the left"] * args.batch_size, masks=masks,
+                      return_tensors="pt")
+    batch.pop("original_sizes")
+    results = {"preset": args.preset, "image_size": args.image_size, "batch_size": args.batch_size,
+               "threads": torch.get_num_threads()}
+    for stage in spec.stages:
+        model.set_training_stage(stage)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        results[f"train_step_s[{stage}]"] = timed(step, args.steps)
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        results["inference_samples_per_s"] = args.batch_size / timed(lambda: model(**inputs), args.steps)
+    first, *rest = spec.stages
+    for stage in rest:
+        results[f"ratio train_step[{stage}]/train_step[{first}]"] = (
+            results[f"train_step_s[{stage}]"] / results[f"train_step_s[{first}]"])
+    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        width = max(map(len, results))
+        for k, v in results.items():
+            print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Train any refseg method with Accelerate.
+
+    accelerate launch scripts/train.py --config scripts/configs/risclip-b_refcoco.yaml [--key value ...]
+
+The YAML file sets defaults for every flag below; flags given on the command line win. One
+script serves every method: `refseg.training.METHODS` says how each is built and which stages it
+trains in (RISCLIP: `locator`, then `refiner`).
+"""
+
+import json
+import logging
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+# Python puts this folder first on sys.path, where scripts/evaluate.py would shadow the
+# `evaluate` package that refseg.metrics imports: keep the folder, but last.
+_SCRIPTS = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS] + [str(_SCRIPTS)]
+from train_args import parse_args  # noqa: E402
+
+from refseg.training import (  # noqa: E402
+    TrainSamples,
+    build_stage_plan,
+    evaluate_split,
+    get_method,
+    prune_checkpoints,
+    save_checkpoint,
+    staged_lr_lambda,
+)
+from refseg.training.checkpointing import read_state, resolve_checkpoint  # noqa: E402
+from refseg.training.data import build_augment, load_eval_splits, load_train_split  # noqa: E402
+from refseg.training.modeling import build_model_and_processor, stage_parameters  # noqa: E402
+from refseg.training.resume import load_state, write_main_state, write_rng_state  # noqa: E402
+from refseg.training.samples import ProcessorCollator, ShardedEpochBatchSampler  # noqa: E402
+from refseg.training.schedules import parse_stages  # noqa: E402
+
+logger = get_logger(__name__)
+
+
+def build_optimizer(params, args):
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    raise ValueError(f"`optimizer` must be 'adamw' or 'adam', got {args.optimizer!r}")
+
+
+def run_evaluation(accelerator, model, processor, eval_sets, args, step, num_workers=0):
+    results = {}
+    for split, samples in eval_sets.items():
+        metrics = evaluate_split(accelerator.unwrap_model(model), processor, samples,
+                                 accelerator=accelerator, batch_size=args.per_device_eval_batch_size,
+                                 num_workers=num_workers, desc=f"eval {split}")
+        results[split] = metrics
+        logger.info("step %d %s: %s", step, split,
+                    ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "num_samples"))
+        accelerator.log({f"eval/{split}/{k}": v for k, v in metrics.items()}, step=step)
+    return results
+
+
+def main(argv=None):
+    model_args, data_args, args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # Parameters change their requires_grad between stages; DDP must tolerate unused ones.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)  # before the model is built: the seed governs initialisation
+
+    spec = get_method(model_args.method)
+    model, processor = build_model_and_processor(spec, model_args)
+
+    with accelerator.main_process_first():
+        train_rows = load_train_split(data_args)
+        eval_sets = load_eval_splits(data_args)
+    train_samples = TrainSamples(train_rows, seed=args.seed,
+                                 augment=build_augment(data_args) if data_args.augment else None)
+    sampler = ShardedEpochBatchSampler(len(train_samples), per_device_batch_size=args.per_device_train_batch_size,
+                                       rank=accelerator.process_index, num_processes=accelerator.num_processes,
+                                       seed=args.seed)
+    loader = DataLoader(train_samples, batch_sampler=sampler, num_workers=data_args.dataloader_num_workers,
+                        collate_fn=ProcessorCollator(processor))
+    updates_per_epoch = sampler.num_batches_per_epoch // args.gradient_accumulation_steps
+    if updates_per_epoch < 1:
+        raise ValueError("one epoch holds fewer batches than `gradient_accumulation_steps`")
+    stage_lengths = parse_stages(args.stages) if args.stages else spec.stage_epochs(args.num_epochs)
+    plan = build_stage_plan(stage_lengths, known_stages=spec.stages,
+                            unit="steps" if args.stages and args.stage_unit == "steps" else "epochs",
+                            updates_per_epoch=updates_per_epoch, max_steps=args.max_steps)
+    logger.info("stages %s, %d updates/epoch", dict(zip(plan.names, plan.steps)), updates_per_epoch)
+
+    params = stage_parameters(model, plan.names)  # every parameter some stage trains
+    optimizer = build_optimizer(spec.param_groups(model, args.learning_rate) if spec.param_groups
+                                else params, args)
+    milestones = [float(m) for m in args.lr_milestones.split(",") if m.strip()]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, staged_lr_lambda(
+        plan, kind=args.lr_scheduler, power=args.lr_power, milestones=milestones, gamma=args.lr_gamma))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    global_step = 0
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    if checkpoint is not None:
+        load_state(checkpoint, model=raw_model, optimizer=optimizer, scheduler=scheduler,
+                   rank=accelerator.process_index)
+        global_step = read_state(checkpoint)["global_step"]
+        logger.info("resumed from %s at step %d", checkpoint, global_step)
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint in %s; starting from scratch", output_dir)
+
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("refseg", config={k: v for k, v in {**vars(model_args), **vars(data_args),
+                                  **vars(args)}.items() if isinstance(v, (int, float, str, bool))})
+
+    def checkpoint_now(step):
+        def write(tmp):
+            if accelerator.is_main_process:
+                write_main_state(tmp, model=raw_model, optimizer=optimizer, scheduler=scheduler)
+            write_rng_state(tmp, accelerator.process_index)
+
+        epoch, position = divmod(step, updates_per_epoch)
+        save_checkpoint(output_dir, step, write, is_main_process=accelerator.is_main_process,
+                        wait=accelerator.wait_for_everyone,
+                        state={"global_step": step, "epoch": epoch, "updates_into_epoch": position,
+                               "stage": plan.names[plan.stage_at(max(step - 1, 0))],
+                               "num_processes": accelerator.num_processes, "seed": args.seed})
+        if accelerator.is_main_process:
+            prune_checkpoints(output_dir, args.checkpoints_total_limit)
+
+    progress = tqdm(total=plan.total_steps, initial=global_step, desc="train",
+                    disable=not accelerator.is_local_main_process)
+    stage = None
+    model.train()
+    while global_step < plan.total_steps:
+        epoch, position = divmod(global_step, updates_per_epoch)
+        sampler.set_epoch(epoch, start_batch=position * args.gradient_accumulation_steps)
+        train_samples.set_epoch(epoch)
+        batches = iter(loader)
+        for _ in range(position, updates_per_epoch):
+            if global_step >= plan.total_steps:
+                break
+            if plan.names[plan.stage_at(global_step)] != stage:
+                stage = plan.names[plan.stage_at(global_step)]
+                raw_model.set_training_stage(stage)
+                logger.info("stage %r from step %d", stage, global_step)
+            for micro in range(args.gradient_accumulation_steps):
+                batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+                last = micro == args.gradient_accumulation_steps - 1
+                with accelerator.autocast(), (nullcontext() if last else accelerator.no_sync(model)):
+                    loss = model(**batch).loss / args.gradient_accumulation_steps
+                    accelerator.backward(loss)
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad],
+                                            args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            progress.update(1)
+            if global_step % args.logging_steps == 0 or global_step == plan.total_steps:
+                logs = {"train/loss": loss.item() * args.gradient_accumulation_steps,
+                        "train/lr": scheduler.get_last_lr()[0], "train/epoch": global_step / updates_per_epoch}
+                progress.set_postfix(loss=f"{logs['train/loss']:.4f}", stage=stage)
+                accelerator.log(logs, step=global_step)
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                checkpoint_now(global_step)
+            if args.eval_steps and global_step % args.eval_steps == 0 and global_step < plan.total_steps:
+                run_evaluation(accelerator, model, processor, eval_sets, args, global_step,
+                           data_args.dataloader_num_workers)
+    progress.close()
+
+    results = run_evaluation(accelerator, model, processor, eval_sets, args, global_step,
+                           data_args.dataloader_num_workers) if eval_sets else {}
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        raw_model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        with open(output_dir / "eval_results.json", "w") as f:
+            json.dump(results, f, indent=2)
+        logger.info("saved model, processor and eval_results.json to %s", output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Building the model and processor a training run starts from."""
+
+import json
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def backbone_sources(spec, model_args) -> dict:
+    """`{"clip": id_or_path, ...}` from the preset, overridden by explicit flags."""
+    sources = {}
+    overrides = {}
+    if model_args.preset:
+        from ..presets import PRESETS
+
+        if model_args.preset not in PRESETS:
+            raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {model_args.preset!r}")
+        preset = PRESETS[model_args.preset]
+        if preset.method != spec.name:
+            raise ValueError(f"preset {model_args.preset!r} is a {preset.method} preset, not {spec.name}")
+        sources.update(preset.backbones)
+        overrides.update(preset.config_overrides)
+    for name in spec.backbones:
+        value = getattr(model_args, name, None)
+        if value:
+            sources[name] = value
+    missing = [name for name in spec.backbones if not sources.get(name)]
+    if missing:
+        raise ValueError(f"no backbone given for {missing}: pass --{missing[0]} or a --preset")
+    if model_args.config_overrides:
+        overrides.update(json.loads(model_args.config_overrides))
+    return sources, overrides
+
+
+def build_model_and_processor(spec, model_args):
+    """A fresh method model on pretrained backbones, or a trained refseg model to fine-tune."""
+    model_cls, processor_cls = spec.load_classes()
+    if model_args.model_name_or_path:
+        model = model_cls.from_pretrained(model_args.model_name_or_path)
+        processor = processor_cls.from_pretrained(model_args.model_name_or_path)
+        return model, processor
+    sources, overrides = backbone_sources(spec, model_args)
+    model = model_cls.from_backbones(**sources, **overrides)
+    processor = processor_cls.from_backbones(**sources, image_size=model.config.image_size)
+    return model, processor
+
+
+def stage_parameters(model, stage_names) -> list:
+    """Every parameter trained in at least one of `stage_names`, each once, in model order.
+
+    The optimizer holds them all from the start; parameters a stage freezes get no gradient
+    (`zero_grad(set_to_none=True)`), so the optimizer leaves them untouched in that stage.
+    """
+    trained = set()
+    for name in stage_names:
+        model.set_training_stage(name)
+        trained.update(id(p) for p in model.parameters() if p.requires_grad)
+    params = [p for p in model.parameters() if id(p) in trained]
+    for p in params:  # DDP registers the parameters that require grad when it wraps the model
+        p.requires_grad_(True)
+    return params

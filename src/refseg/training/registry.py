@@ -1,0 +1,79 @@
+"""Method registry: what the training script needs to know about each method.
+
+A method plugs into `scripts/train.py` by adding one `MethodSpec` to `METHODS`; the script has no
+per-method branches. Hyperparameters (learning rate, epochs, batch size) live in the YAML configs
+under `scripts/configs/`, not here: this file only says how a method is built and trained.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How to build and train one method.
+
+    Attributes:
+        name: the method's `model_type` (`"risclip"`).
+        model_class / processor_class: dotted paths, imported on use so the registry stays light.
+        backbones: keyword names `from_backbones` takes (`("clip",)`, `("clip", "sam")`).
+        stages: training stages in order; each name is passed to `model.set_training_stage`.
+        default_stage_epochs: maps the total epoch count to `{stage: epochs}` when a config
+            gives `num_epochs` but no explicit `stages`.
+        param_groups: optional `fn(model, learning_rate) -> list[dict]` for per-group learning
+            rates (CRIS trains its backbone at 0.1x); `None` puts every trainable parameter in
+            one group.
+        sampler: `"random"` (one sentence of one ref per sample) or `"grouped_by_image"`.
+    """
+
+    name: str
+    model_class: str
+    processor_class: str
+    backbones: tuple = ("clip",)
+    stages: tuple = ("default",)
+    default_stage_epochs: Optional[Callable[[int], dict]] = None
+    param_groups: Optional[Callable] = None
+    sampler: str = "random"
+    extra: dict = field(default_factory=dict)
+
+    def load_classes(self):
+        """Return `(model_class, processor_class)`, importing them."""
+        import importlib
+
+        def _load(path):
+            module, _, attr = path.rpartition(".")
+            return getattr(importlib.import_module(module), attr)
+
+        return _load(self.model_class), _load(self.processor_class)
+
+    def stage_epochs(self, num_epochs: int) -> dict:
+        if num_epochs < 1:
+            raise ValueError(f"`num_epochs` must be >= 1, got {num_epochs}")
+        if self.default_stage_epochs is None:
+            return {self.stages[0]: num_epochs}
+        return self.default_stage_epochs(num_epochs)
+
+
+def _risclip_stage_epochs(num_epochs: int) -> dict:
+    # RISCLIP (Sec. 3.4, App. A): the Locator trains for `num_epochs` (60 in the paper), then
+    # the Refiner alone for one more epoch.
+    return {"locator": num_epochs, "refiner": 1}
+
+
+METHODS = {
+    "risclip": MethodSpec(
+        name="risclip",
+        model_class="refseg.models.risclip.RisclipModel",
+        processor_class="refseg.models.risclip.RisclipProcessor",
+        backbones=("clip",),
+        stages=("locator", "refiner"),
+        default_stage_epochs=_risclip_stage_epochs,
+    ),
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look up a method by name; `ValueError` listing the known methods otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {name!r}")
+    return METHODS[name]

@@ -1,0 +1,107 @@
+"""Stage plans and the stage-aware learning-rate schedule.
+
+A run is a sequence of stages (RISCLIP: `locator` then `refiner`). Each stage gets a number of
+optimizer updates; the learning rate restarts at its base value when a stage begins and decays
+within the stage (polynomial, step, or constant), so a short final stage (RISCLIP's one-epoch
+Refiner stage) is not trained at the tail of the previous stage's decay.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """`names[i]` runs for `steps[i]` optimizer updates; `starts[i]` is its first global step."""
+
+    names: tuple
+    steps: tuple
+
+    @property
+    def starts(self) -> tuple:
+        out, acc = [], 0
+        for n in self.steps:
+            out.append(acc)
+            acc += n
+        return tuple(out)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps)
+
+    def stage_at(self, step: int) -> int:
+        """Index of the stage that global update `step` (0-based) belongs to."""
+        for i, (start, n) in enumerate(zip(self.starts, self.steps)):
+            if step < start + n:
+                return i
+        return len(self.steps) - 1
+
+
+def parse_stages(text: str) -> dict:
+    """Parse `"locator:59,refiner:1"` into `{"locator": 59, "refiner": 1}`."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition(":")
+        if not sep or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"`stages` entries must look like 'name:positive_int', got {part!r}")
+        out[name.strip()] = int(value)
+    if not out:
+        raise ValueError("`stages` is empty")
+    return out
+
+
+def build_stage_plan(
+    stage_lengths: dict,
+    *,
+    known_stages: Sequence[str],
+    unit: str,
+    updates_per_epoch: int,
+    max_steps: Optional[int] = None,
+) -> StagePlan:
+    """Turn `{stage: length}` (in `unit` = "epochs" or "steps") into a `StagePlan`.
+
+    Stages run in the method's order (`known_stages`), whatever order the mapping has.
+    `max_steps`, when given, sets the whole run's length: every stage keeps its share of the
+    planned steps, scaled so the total equals `max_steps` (each stage at least one step; the
+    rounding remainder goes to the first stage).
+    """
+    unknown = set(stage_lengths) - set(known_stages)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; this method has {list(known_stages)}")
+    if unit not in ("epochs", "steps"):
+        raise ValueError(f"`stage_unit` must be 'epochs' or 'steps', got {unit!r}")
+    names = tuple(s for s in known_stages if s in stage_lengths)
+    steps = [stage_lengths[s] * (updates_per_epoch if unit == "epochs" else 1) for s in names]
+    if max_steps is not None:
+        if max_steps < len(names):
+            raise ValueError(f"`max_steps` ({max_steps}) must allow one step per stage ({len(names)})")
+        total = sum(steps)
+        scaled = [max(1, math.floor(n * max_steps / total)) for n in steps]
+        scaled[0] += max_steps - sum(scaled)  # rounding remainder goes to the first stage
+        steps = scaled
+    return StagePlan(names=names, steps=tuple(steps))
+
+
+def staged_lr_lambda(plan: StagePlan, *, kind: str = "polynomial", power: float = 1.0,
+                     milestones: Sequence[float] = (), gamma: float = 0.1, end_factor: float = 0.0):
+    """Multiplier of the base learning rate for global update `step`, restarting per stage.
+
+    kind="polynomial": (1 - t)^power * (1 - end_factor) + end_factor, t = progress in the stage.
+    kind="step": gamma ** (number of `milestones` (fractions of the stage) already passed).
+    kind="constant": 1.
+    """
+    if kind not in ("polynomial", "step", "constant"):
+        raise ValueError(f"`lr_scheduler` must be polynomial, step or constant, got {kind!r}")
+
+    def fn(step: int) -> float:
+        i = plan.stage_at(step)
+        t = (step - plan.starts[i]) / max(plan.steps[i], 1)
+        t = min(max(t, 0.0), 1.0)
+        if kind == "polynomial":
+            return (1.0 - t) ** power * (1.0 - end_factor) + end_factor
+        if kind == "step":
+            return gamma ** sum(t >= m for m in milestones)
+        return 1.0
+
+    return fn

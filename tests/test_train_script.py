@@ -1,0 +1,142 @@
+"""scripts/train.py end to end: checkpoints, exact resume, two processes, bad data.
+
+Each run trains the tiny RISCLIP for a handful of steps on the session's RefShapes set.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "scripts" / "train.py"
+
+
+def _common_args(tiny_backbones, refshapes_root, output_dir, **overrides):
+    args = {
+        "method": "risclip", "clip": str(tiny_backbones["clip"]), "dataset": "refshapes",
+        "data_root": str(refshapes_root), "output_dir": str(output_dir), "seed": 3,
+        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "learning_rate": 1e-3,
+        "stages": "locator:4,refiner:2", "stage_unit": "steps", "eval_splits": "val",
+        "max_eval_samples": 12, "report_to": "none", "logging_steps": 1,
+        "config_overrides": json.dumps({"image_size": 64}),
+    }
+    args.update(overrides)
+    out = []
+    for k, v in args.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+def _run(cmd, env_extra=None, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _weights(folder):
+    return load_file(str(Path(folder) / "method_weights.safetensors"))
+
+
+def _final_method_weights(output_dir):
+    from transformers import AutoModel
+
+    import refseg  # noqa: F401
+
+    model = AutoModel.from_pretrained(output_dir)
+    return {k: v for k, v in model.trainable_state_dict().items()}
+
+
+@pytest.mark.slow
+def test_checkpoints_limit_and_exact_resume(tiny_backbones, refshapes_root, tmp_path):
+    out = tmp_path / "run"
+    base = [sys.executable, str(TRAIN), *_common_args(tiny_backbones, refshapes_root, out,
+                                                      checkpointing_steps=2, checkpoints_total_limit=2)]
+    _run(base)
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert kept == ["checkpoint-4", "checkpoint-6"]
+    assert not list(out.glob(".tmp-checkpoint-*"))
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["stage"] == "locator"
+    ckpt_files = {p.name for p in (out / "checkpoint-4").iterdir()}
+    assert "method_weights.safetensors" in ckpt_files and "optimizer.pt" in ckpt_files
+    # Only the method's own weights: no frozen CLIP tensor in a checkpoint.
+    assert not any(k.startswith(("clip.", "vision_model.", "text_model.")) and "adapter" not in k
+                   for k in _weights(out / "checkpoint-4"))
+    uninterrupted = _final_method_weights(out)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert set(results) == {"val"} and results["val"]["num_samples"] == 12
+
+    # scripts/evaluate.py on the saved model reproduces the training run's final evaluation.
+    sys.path.append(str(REPO / "scripts"))
+    import evaluate as _shadow_check  # noqa: F401  (must be the `evaluate` package, not scripts/evaluate.py)
+    assert hasattr(_shadow_check, "load")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("refseg_evaluate_script", REPO / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    again = script.main(["--model", str(out), "--dataset", "refshapes", "--data_root", str(refshapes_root),
+                         "--split", "val", "--max_samples", "12", "--output", str(tmp_path / "eval.json")])
+    assert again == results
+    assert json.loads((tmp_path / "eval.json").read_text()) == results
+
+    # Pretend the run died after step 4: drop what came later and resume from `latest`.
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-6")
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    _run(base + ["--resume_from_checkpoint", "latest"])
+    resumed = _final_method_weights(out)
+    assert uninterrupted.keys() == resumed.keys()
+    for k in uninterrupted:
+        assert torch.equal(uninterrupted[k], resumed[k]), k
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tiny_backbones, refshapes_root, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(stages="locator:3", max_eval_samples=15, eval_splits="val,testA")
+    _run([sys.executable, str(TRAIN), *_common_args(tiny_backbones, refshapes_root, one, **common)])
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+          str(TRAIN), *_common_args(tiny_backbones, refshapes_root, two, per_device_train_batch_size=2, **common)],
+         env_extra={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    r1 = json.loads((one / "eval_results.json").read_text())
+    r2 = json.loads((two / "eval_results.json").read_text())
+    from refseg.data import explode_sentences, load_refer
+
+    for split in ("val", "testA"):  # 15 val sentences: the two shards differ in size
+        expected = min(15, len(explode_sentences(load_refer(refshapes_root, "refshapes", "unc", split))))
+        assert r1[split]["num_samples"] == r2[split]["num_samples"] == expected
+    w1, w2 = _final_method_weights(one), _final_method_weights(two)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
+    for split in r1:
+        for metric, value in r1[split].items():
+            assert r2[split][metric] == pytest.approx(value, abs=1e-6), (split, metric)
+
+
+def test_missing_image_stops_training_naming_the_file(tiny_backbones, refshapes_root, tmp_path):
+    import shutil
+
+    sys.path.append(str(REPO / "scripts"))
+    import train
+
+    from refseg.data import load_refs_pickle
+
+    root = tmp_path / "data"
+    shutil.copytree(refshapes_root, root)
+    train_ids = {r["image_id"] for r in load_refs_pickle(root / "refshapes" / "refs(unc).p") if r["split"] == "train"}
+    coco = json.loads((root / "refshapes" / "instances.json").read_text())
+    victim = root / "images" / next(im["file_name"] for im in coco["images"] if im["id"] in train_ids)
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        train.main(_common_args(tiny_backbones, root, tmp_path / "run", eval_splits=""))
