@@ -9,6 +9,8 @@ throughput, and peak resident memory (`ru_maxrss`). Nothing here is asserted by 
 numbers are for the README and for comparing changes on one machine.
 """
 
+import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
+
 import argparse
 import json
 import resource

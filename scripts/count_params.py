@@ -8,6 +8,8 @@ downloaded or allocated; the counts are those of the paper-scale architectures.
     python scripts/count_params.py --markdown             # a Markdown table (README, model cards)
 """
 
+import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
+
 import argparse
 
 import torch

@@ -8,24 +8,20 @@ Every sentence of every ref is scored; the table (percentages, two decimals) is 
 metrics are written as JSON (`--output`, default `<model>/eval_<dataset>.json` for a folder).
 """
 
+import _scripts_path  # noqa: F401  (first: keeps this file from shadowing the `evaluate` package)
+
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from accelerate import Accelerator
+from train_args import DataArguments
+from transformers import AutoModel, AutoProcessor
 
-# Python puts this folder first on sys.path, where scripts/evaluate.py would shadow the
-# `evaluate` package that refseg.metrics imports: keep the folder, but last.
-_SCRIPTS = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS] + [str(_SCRIPTS)]
-from train_args import DataArguments  # noqa: E402
-
-import refseg  # noqa: E402,F401  (registers the models with the Auto classes)
-from refseg.training.data import load_eval_splits  # noqa: E402
-from refseg.training.evaluation import evaluate_split, format_results_table  # noqa: E402
-from transformers import AutoModel, AutoProcessor  # noqa: E402
+import refseg  # noqa: F401  (registers the models with the Auto classes)
+from refseg.training.data import load_eval_splits
+from refseg.training.evaluation import evaluate_split, format_results_table
 
 
 def parse_args(argv=None):

@@ -7,6 +7,8 @@ writes data/refshapes/refs(unc).p, data/refshapes/instances.json and data/images
 `refseg.data.load_refer("data", "refshapes", "unc", split)` reads.
 """
 
+import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
+
 import argparse
 import json
 import sys

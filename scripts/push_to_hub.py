@@ -17,6 +17,8 @@ risclip-tiny) or `--card_data <yaml/json>`; measured results only from `--eval_r
 `eval_<dataset>.json`, else the card's default).
 """
 
+import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
+
 import argparse
 import re
 import sys

@@ -13,23 +13,22 @@
 Every step that is already done is reused on a second run.
 """
 
+import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
+
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
+import train
+
+from refseg.backbones import save_tiny_backbones
+from refseg.data import make_refshapes
+from refseg.training.clip_pretraining import pretrain_clip
+from refseg.training.evaluation import format_results_table
+
 _SCRIPTS = Path(__file__).resolve().parent
-# Keep this folder last on sys.path: scripts/evaluate.py would shadow the `evaluate` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS] + [str(_SCRIPTS)]
-
-import train  # noqa: E402
-
-from refseg.backbones import save_tiny_backbones  # noqa: E402
-from refseg.data import make_refshapes  # noqa: E402
-from refseg.training.clip_pretraining import pretrain_clip  # noqa: E402
-from refseg.training.evaluation import format_results_table  # noqa: E402
 
 
 def parse_args(argv=None):

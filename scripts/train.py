@@ -8,9 +8,10 @@ script serves every method: `refseg.training.METHODS` says how each is built and
 trains in (RISCLIP: `locator`, then `refiner`).
 """
 
+import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
+
 import json
 import logging
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -20,14 +21,9 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from train_args import parse_args
 
-# Python puts this folder first on sys.path, where scripts/evaluate.py would shadow the
-# `evaluate` package that refseg.metrics imports: keep the folder, but last.
-_SCRIPTS = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _SCRIPTS] + [str(_SCRIPTS)]
-from train_args import parse_args  # noqa: E402
-
-from refseg.training import (  # noqa: E402
+from refseg.training import (
     TrainSamples,
     build_stage_plan,
     evaluate_split,
@@ -36,12 +32,12 @@ from refseg.training import (  # noqa: E402
     save_checkpoint,
     staged_lr_lambda,
 )
-from refseg.training.checkpointing import read_state, resolve_checkpoint  # noqa: E402
-from refseg.training.data import build_augment, load_eval_splits, load_train_split  # noqa: E402
-from refseg.training.modeling import build_model_and_processor, stage_parameters  # noqa: E402
-from refseg.training.resume import load_state, write_main_state, write_rng_state  # noqa: E402
-from refseg.training.samples import ProcessorCollator, ShardedEpochBatchSampler  # noqa: E402
-from refseg.training.schedules import parse_stages  # noqa: E402
+from refseg.training.checkpointing import read_state, resolve_checkpoint
+from refseg.training.data import build_augment, load_eval_splits, load_train_split
+from refseg.training.modeling import build_model_and_processor, stage_parameters
+from refseg.training.resume import load_state, write_main_state, write_rng_state
+from refseg.training.samples import ProcessorCollator, ShardedEpochBatchSampler
+from refseg.training.schedules import parse_stages
 
 logger = get_logger(__name__)
 
