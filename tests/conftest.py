@@ -4,12 +4,18 @@ Nothing here touches the network: `HF_HUB_OFFLINE=1` is forced before transforme
 """
 
 import os
+import sys
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+# Tests import the scripts (`train`, `_scripts_path`, ...). Appended, never prepended: the folder's
+# evaluate.py must not shadow the `evaluate` package.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 @pytest.fixture(scope="session")

@@ -74,7 +74,6 @@ def test_checkpoints_limit_and_exact_resume(tiny_backbones, refshapes_root, tmp_
     assert set(results) == {"val"} and results["val"]["num_samples"] == 12
 
     # scripts/evaluate.py on the saved model reproduces the training run's final evaluation.
-    sys.path.append(str(REPO / "scripts"))
     import evaluate as _shadow_check  # noqa: F401  (must be the `evaluate` package, not scripts/evaluate.py)
     assert hasattr(_shadow_check, "load")
     import importlib.util
@@ -127,7 +126,6 @@ def test_two_processes_match_one_process(tiny_backbones, refshapes_root, tmp_pat
 def test_missing_image_stops_training_naming_the_file(tiny_backbones, refshapes_root, tmp_path):
     import shutil
 
-    sys.path.append(str(REPO / "scripts"))
     import train
 
     from refseg.data import load_refs_pickle
