@@ -1,0 +1,30 @@
+"""scripts/quickstart.py (the README's main command) end to end, at toy size."""
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quickstart_runs_every_step_and_prints_the_table(tmp_path, capsys):
+    import quickstart
+
+    work = tmp_path / "qs"
+    argv = ["--workdir", str(work), "--num_images", "40", "--clip_pretraining_steps", "3", "--",
+            "--stages", "locator:2,refiner:1", "--stage_unit", "steps", "--per_device_train_batch_size", "4",
+            "--report_to", "none", "--max_eval_samples", "6", "--checkpointing_steps", "0"]
+    results = quickstart.main(argv)
+    out = capsys.readouterr().out
+    assert set(results) == {"val", "testA", "testB", "unseen"}
+    for split, metrics in results.items():
+        assert 0 <= metrics["mIoU"] <= 1 and 1 <= metrics["num_samples"] <= 6
+        assert f"{100 * metrics['mIoU']:.2f}" in out  # the printed table, in percent
+    assert json.loads((work / "model" / "eval_results.json").read_text()) == results
+    assert (work / "model" / "model.safetensors").is_file()
+    assert (work / "backbones" / "clip-pretrained" / "model.safetensors").is_file()
+
+    # A second run reuses the data and the pretrained CLIP instead of rebuilding them.
+    before = (work / "backbones" / "clip-pretrained" / "model.safetensors").stat().st_mtime_ns
+    quickstart.main(argv)
+    assert "reusing" in capsys.readouterr().out
+    assert (work / "backbones" / "clip-pretrained" / "model.safetensors").stat().st_mtime_ns == before
