@@ -79,3 +79,18 @@ def tiny_trained_risclip(tiny_backbones, tmp_path_factory):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model, processor, folder
+
+
+@pytest.fixture
+def make_scene():
+    """`make_scene(width=61, height=47)`: an odd-sized RGB image with a red disc and a blue square."""
+    from PIL import Image, ImageDraw
+
+    def make(width=61, height=47):
+        image = Image.new("RGB", (width, height), (230, 230, 230))
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((5, 5, 25, 25), fill=(220, 20, 20))
+        draw.rectangle((35, 20, 55, 40), fill=(20, 20, 220))
+        return image
+
+    return make

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
 import refseg.pipelines  # noqa: F401  (registers the pipeline task)
@@ -83,13 +83,6 @@ print(json.dumps({"refseg_modules": loaded, "classes": classes, "texts": [r["tex
 '''
 
 
-def scene():
-    image = Image.new("RGB", (61, 47), (230, 230, 230))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((5, 5, 25, 25), fill=(220, 20, 20))
-    draw.rectangle((35, 20, 55, 40), fill=(20, 20, 220))
-    return image
-
 
 @pytest.fixture(scope="module")
 def trained(tiny_trained_risclip):
@@ -134,9 +127,9 @@ def test_export_writes_a_hub_folder(exported):
             assert not [m for m in modules if m.split(".")[0] == "refseg"], path.name
 
 
-def test_remote_code_loads_without_refseg_and_matches(trained, exported, tmp_path):
+def test_remote_code_loads_without_refseg_and_matches(trained, exported, tmp_path, make_scene):
     model, processor, _ = trained
-    image = scene()
+    image = make_scene()
     image_path, out_path, script = tmp_path / "scene.png", tmp_path / "remote.safetensors", tmp_path / "remote.py"
     image.save(image_path)
     script.write_text(REMOTE_SCRIPT)
@@ -168,7 +161,7 @@ def test_remote_code_loads_without_refseg_and_matches(trained, exported, tmp_pat
                                atol=1e-6, rtol=0)
 
 
-def test_export_loads_with_refseg_classes(trained, exported):
+def test_export_loads_with_refseg_classes(trained, exported, make_scene):
     from transformers import AutoModel, AutoProcessor
 
     from refseg import RisclipModel, RisclipProcessor
@@ -177,7 +170,7 @@ def test_export_loads_with_refseg_classes(trained, exported):
     reloaded = AutoModel.from_pretrained(exported).eval()
     assert type(reloaded) is RisclipModel
     assert type(AutoProcessor.from_pretrained(exported)) is RisclipProcessor
-    inputs = processor(images=scene(), text=TEXTS, return_tensors="pt")
+    inputs = processor(images=make_scene(), text=TEXTS, return_tensors="pt")
     inputs.pop("original_sizes")
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)

@@ -3,20 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 import refseg  # noqa: F401  (registers the task)
 from refseg.pipelines import TASK, ReferringImageSegmentationPipeline, load_pipeline
 
 
-
-def scene(width=61, height=47):
-    """An odd-sized image with two shapes."""
-    image = Image.new("RGB", (width, height), (230, 230, 230))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((5, 5, 25, 25), fill=(220, 20, 20))
-    draw.rectangle((35, 20, 55, 40), fill=(20, 20, 220))
-    return image
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +46,8 @@ def test_task_is_registered_and_built_from_a_folder(segmenter):
     assert type(segmenter.model).__name__ == "RisclipModel"
 
 
-def test_outputs_match_model_and_processor(segmenter):
-    image = scene()
+def test_outputs_match_model_and_processor(segmenter, make_scene):
+    image = make_scene()
     texts = ["the red circle", "the blue square"]
     results = segmenter(image, text=texts)
     masks, scores, _ = expected(segmenter, image, texts)
@@ -71,13 +62,13 @@ def test_outputs_match_model_and_processor(segmenter):
         assert 0.0 <= result["score"] <= 1.0
 
 
-def test_single_expression_gives_a_one_element_list(segmenter):
-    results = segmenter(scene(), text="the red circle")
+def test_single_expression_gives_a_one_element_list(segmenter, make_scene):
+    results = segmenter(make_scene(), text="the red circle")
     assert len(results) == 1 and results[0]["text"] == "the red circle"
 
 
-def test_threshold_argument_is_used(segmenter):
-    image = scene()
+def test_threshold_argument_is_used(segmenter, make_scene):
+    image = make_scene()
     _, _, probabilities = expected(segmenter, image, ["the red circle"])
     threshold = float(probabilities.flatten().median().clamp(0.01, 0.99))
     masks, scores, _ = expected(segmenter, image, ["the red circle"], threshold=threshold)
@@ -87,8 +78,8 @@ def test_threshold_argument_is_used(segmenter):
     assert result["score"] == pytest.approx(scores[0], abs=1e-6)
 
 
-def test_image_as_path_array_dict_and_list(segmenter, tmp_path):
-    image = scene()
+def test_image_as_path_array_dict_and_list(segmenter, tmp_path, make_scene):
+    image = make_scene()
     path = tmp_path / "scene.png"
     image.save(path)
     reference = [np.asarray(r["mask"]) for r in segmenter(image, text=["the red circle", "the blue square"])]
@@ -100,13 +91,13 @@ def test_image_as_path_array_dict_and_list(segmenter, tmp_path):
     for results in variants:
         for result, mask in zip(results, reference):
             np.testing.assert_array_equal(np.asarray(result["mask"]), mask)
-    batched = segmenter([image, scene(33, 70)], text="the red circle")
+    batched = segmenter([image, make_scene(33, 70)], text="the red circle")
     assert len(batched) == 2 and batched[1][0]["mask"].size == (33, 70)
     np.testing.assert_array_equal(np.asarray(batched[0][0]["mask"]), reference[0])
 
 
-def test_exif_orientation_gives_masks_of_the_displayed_size(segmenter, tmp_path):
-    image = scene(60, 40)
+def test_exif_orientation_gives_masks_of_the_displayed_size(segmenter, tmp_path, make_scene):
+    image = make_scene(60, 40)
     exif = image.getexif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
     path = tmp_path / "rotated.jpg"
@@ -123,15 +114,15 @@ def test_load_pipeline_names_the_class(model_dir):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda pipe: pipe(scene()), "`text` is required"),
-        (lambda pipe: pipe(scene(), text=""), "text"),
-        (lambda pipe: pipe(scene(), text=["ok", "  "]), "text"),
-        (lambda pipe: pipe(scene(), text=3), "text"),
-        (lambda pipe: pipe(12345, text="the red circle"), "images"),
-        (lambda pipe: pipe(scene(), text="the red circle", threshold=1.5), "threshold"),
-        (lambda pipe: pipe(scene(), text="the red circle", thresold=0.3), "unexpected"),
+        (lambda pipe, image: pipe(image), "`text` is required"),
+        (lambda pipe, image: pipe(image, text=""), "text"),
+        (lambda pipe, image: pipe(image, text=["ok", "  "]), "text"),
+        (lambda pipe, image: pipe(image, text=3), "text"),
+        (lambda pipe, image: pipe(12345, text="the red circle"), "images"),
+        (lambda pipe, image: pipe(image, text="the red circle", threshold=1.5), "threshold"),
+        (lambda pipe, image: pipe(image, text="the red circle", thresold=0.3), "unexpected"),
     ],
 )
-def test_bad_input_raises_value_error(segmenter, call, match):
+def test_bad_input_raises_value_error(segmenter, make_scene, call, match):
     with pytest.raises(ValueError, match=match):
-        call(segmenter)
+        call(segmenter, make_scene())

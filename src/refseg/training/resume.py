@@ -55,8 +55,8 @@ def load_state(directory, *, model, optimizer, scheduler, rank: int):
     """Restore weights, optimizer, scheduler and this process's RNG from a checkpoint folder."""
     directory = Path(directory)
     model.load_trainable_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu",
-                                         weights_only=True))
+    state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state)
     scheduler.load_state_dict(json.loads((directory / SCHEDULER_FILE).read_text()))
     json_path = directory / f"rng_state_{rank}.json"
     if json_path.is_file():  # a run resumed on more processes than it was saved with has none
