@@ -158,8 +158,9 @@ def main(argv=None):
             for micro in range(args.gradient_accumulation_steps):
                 batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
                 last = micro == args.gradient_accumulation_steps - 1
-                with accelerator.autocast(), (nullcontext() if last else accelerator.no_sync(model)):
-                    loss = model(**batch).loss / args.gradient_accumulation_steps
+                with nullcontext() if last else accelerator.no_sync(model):  # all-reduce on the last one
+                    with accelerator.autocast():
+                        loss = model(**batch).loss / args.gradient_accumulation_steps
                     accelerator.backward(loss)
             if args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad],
@@ -178,11 +179,13 @@ def main(argv=None):
                 checkpoint_now(global_step)
             if args.eval_steps and global_step % args.eval_steps == 0 and global_step < plan.total_steps:
                 run_evaluation(accelerator, model, processor, eval_sets, args, global_step,
-                           data_args.dataloader_num_workers)
+                               data_args.dataloader_num_workers)
     progress.close()
 
-    results = run_evaluation(accelerator, model, processor, eval_sets, args, global_step,
-                           data_args.dataloader_num_workers) if eval_sets else {}
+    results = {}
+    if eval_sets:
+        results = run_evaluation(accelerator, model, processor, eval_sets, args, global_step,
+                                 data_args.dataloader_num_workers)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         raw_model.save_pretrained(output_dir)

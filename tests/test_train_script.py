@@ -102,7 +102,8 @@ def test_checkpoints_limit_and_exact_resume(tiny_backbones, refshapes_root, tmp_
 @pytest.mark.slow
 def test_two_processes_match_one_process(tiny_backbones, refshapes_root, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = dict(stages="locator:3", max_eval_samples=15, eval_splits="val,testA")
+    common = dict(stages="locator:3", max_eval_samples=15, eval_splits="val,testA", learning_rate=0.1,
+                  adam_epsilon=1.0)  # updates linear in the gradient: see the accumulation test
     _run([sys.executable, str(TRAIN), *_common_args(tiny_backbones, refshapes_root, one, **common)])
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
@@ -138,3 +139,23 @@ def test_missing_image_stops_training_naming_the_file(tiny_backbones, refshapes_
     victim.unlink()
     with pytest.raises(FileNotFoundError, match=victim.name):
         train.main(_common_args(tiny_backbones, root, tmp_path / "run", eval_splits=""))
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tiny_backbones, refshapes_root, tmp_path):
+    import train
+    from transformers import set_seed
+
+    from refseg import RisclipModel
+
+    # adam_epsilon=1 makes each update nearly linear in the gradient; with the default 1e-8 Adam
+    # turns float-level noise in tiny gradients (summation order) into sign-sized steps.
+    common = dict(stages="locator:3", eval_splits="", learning_rate=0.1, adam_epsilon=1.0)
+    train.main(_common_args(tiny_backbones, refshapes_root, tmp_path / "big", per_device_train_batch_size=4, **common))
+    train.main(_common_args(tiny_backbones, refshapes_root, tmp_path / "acc", per_device_train_batch_size=2,
+                            gradient_accumulation_steps=2, **common))
+    big, acc = _final_method_weights(tmp_path / "big"), _final_method_weights(tmp_path / "acc")
+    for k in big:
+        assert torch.allclose(big[k], acc[k], atol=1e-6, rtol=1e-5), k
+    set_seed(3)  # the runs' seed, set before the model is built: their starting point
+    start = RisclipModel.from_backbones(clip=tiny_backbones["clip"], image_size=64).trainable_state_dict()
+    assert any(not torch.equal(start[k], big[k]) for k in big)  # three updates did move the weights
