@@ -92,6 +92,23 @@ def test_logits_are_foreground_minus_background_scores():
     assert torch.equal(out.logits.sigmoid() > 0.5, scores.argmax(dim=1) == 1)
 
 
+def test_locator_training_skips_the_frozen_refiner():
+    model = small_model()
+    calls = []
+    model.refiner.register_forward_hook(lambda *_: calls.append(1))
+    model.set_training_stage("locator")
+    model.train()
+    out = model(**model_inputs())
+    upsampled = F.interpolate(out.coarse_logits.unsqueeze(1), size=(64, 64), mode="bilinear", align_corners=False)
+    assert calls == [] and torch.equal(out.logits, upsampled.squeeze(1))
+    model.eval()  # inference always refines
+    assert not torch.equal(model(**model_inputs()).logits, out.logits) and calls == [1]
+    model.set_training_stage("refiner")
+    model.train()
+    model(**model_inputs())
+    assert calls == [1, 1]
+
+
 def test_zero_initialised_model_sees_the_stock_clip_features():
     torch.manual_seed(0)
     stock = CLIPModel(small_clip_config()).eval()

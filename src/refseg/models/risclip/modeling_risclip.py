@@ -308,7 +308,8 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
 
         Returns:
             `ReferringSegmentationOutput` with `logits` (B, H, W) = fg - bg Refiner scores (so
-            `sigmoid(logits) > 0.5` is the paper's argmax), `coarse_logits` (B, h, w) the Locator's map,
+            `sigmoid(logits) > 0.5` is the paper's argmax; while the Locator stage trains: the
+            upsampled `coarse_logits`), `coarse_logits` (B, h, w) the Locator's map,
             `image_embeds` (B, h*w, D) fused patch tokens, `text_embeds` (B, D) fused [EOS] tokens.
         """
         if kwargs:
@@ -340,15 +341,21 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
         eos_index = (attention_mask.to(torch.long) * positions).argmax(dim=-1)
         eos_tokens = text_tokens[torch.arange(batch, device=text_tokens.device), eos_index]  # (B, D)
         coarse_logits = self.locator(image_tokens, eos_tokens, grid)  # (B, h, w)
-        # 5. Refiner on the (detached) map and the early visual features: stages never share gradients
-        maps = [
-            features[i][:, 1:].transpose(1, 2).reshape(batch, -1, *grid).detach()
-            for i in self.config.refiner_feature_layers
-        ]
-        scores = self.refiner(coarse_logits.detach().sigmoid().unsqueeze(1), maps)  # (B, 2, 2^n h, 2^n w)
-        if scores.shape[-2:] != (height, width):  # e.g. patch 14: back to the input size (bicubic, Appendix A)
-            scores = F.interpolate(scores, size=(height, width), mode="bicubic", align_corners=False)
-        logits = scores[:, 1] - scores[:, 0]
+        # 5. Refiner on the (detached) map and the early visual features: stages never share gradients.
+        #    While the Locator stage trains, the frozen Refiner's output feeds no loss: it is skipped
+        #    and `logits` is the token map upsampled to the input size (eval mode always refines).
+        if self.training and self.config.training_stage == "locator":
+            logits = F.interpolate(coarse_logits.unsqueeze(1), size=(height, width), mode="bilinear",
+                                   align_corners=False).squeeze(1)
+        else:
+            maps = [
+                features[i][:, 1:].transpose(1, 2).reshape(batch, -1, *grid).detach()
+                for i in self.config.refiner_feature_layers
+            ]
+            scores = self.refiner(coarse_logits.detach().sigmoid().unsqueeze(1), maps)  # (B, 2, 2^n h, 2^n w)
+            if scores.shape[-2:] != (height, width):  # e.g. patch 14: back to the input size (bicubic)
+                scores = F.interpolate(scores, size=(height, width), mode="bicubic", align_corners=False)
+            logits = scores[:, 1] - scores[:, 0]
         # 6. loss of the active stage
         loss, loss_dict = None, None
         if labels is not None:
