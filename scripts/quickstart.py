@@ -51,7 +51,7 @@ def main(argv=None):
     data = work / "data"
     if not (data / "refshapes" / "refs(unc).p").is_file():
         summary = make_refshapes(data, num_images=args.num_images, seed=args.seed)
-        print(f"[1/4] RefShapes: {json.dumps(summary.get('splits', summary))}")
+        print(f"[1/4] RefShapes: {json.dumps(summary['splits'])}")
     else:
         print(f"[1/4] RefShapes: reusing {data}")
 

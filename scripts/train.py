@@ -33,7 +33,8 @@ from refseg.training import (
     staged_lr_lambda,
 )
 from refseg.training.checkpointing import read_state, resolve_checkpoint
-from refseg.training.data import build_augment, load_eval_splits, load_train_split
+from refseg.data import RandomAffineSaturation
+from refseg.training.data import load_eval_splits, load_train_split
 from refseg.training.modeling import build_model_and_processor, stage_parameters
 from refseg.training.resume import load_state, write_main_state, write_rng_state
 from refseg.training.samples import ProcessorCollator, ShardedEpochBatchSampler
@@ -86,7 +87,7 @@ def main(argv=None):
         train_rows = load_train_split(data_args)
         eval_sets = load_eval_splits(data_args)
     train_samples = TrainSamples(train_rows, seed=args.seed,
-                                 augment=build_augment(data_args) if data_args.augment else None)
+                                 augment=RandomAffineSaturation() if data_args.augment else None)
     sampler = ShardedEpochBatchSampler(len(train_samples), per_device_batch_size=args.per_device_train_batch_size,
                                        rank=accelerator.process_index, num_processes=accelerator.num_processes,
                                        seed=args.seed)

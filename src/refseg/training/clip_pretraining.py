@@ -82,7 +82,7 @@ def pretrain_clip(clip_dir, data_root, output_dir, *, steps: int = 600, learning
         groups[caption].append(i)
     keys = sorted(groups)
     logger.info("CLIP pretraining on %d crops of %d colour-shape pairs", len(captions), len(keys))
-    text = tokenizer([keys[i] for i in range(len(keys))], padding=True, return_tensors="pt")
+    text = tokenizer(keys, padding=True, return_tensors="pt")
     mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
 

@@ -66,9 +66,3 @@ def load_eval_splits(data_args) -> dict:
         out[split] = EvalSamples(rows)
     return out
 
-
-def build_augment(data_args):
-    """The papers' joint random affine + saturation augmentation as `fn(image, mask, rng)`."""
-    from ..data.augment import RandomAffineSaturation
-
-    return RandomAffineSaturation()

@@ -5,7 +5,7 @@ per-method branches. Hyperparameters (learning rate, epochs, batch size) live in
 under `scripts/configs/`, not here: this file only says how a method is built and trained.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 
@@ -34,7 +34,6 @@ class MethodSpec:
     default_stage_epochs: Optional[Callable[[int], dict]] = None
     param_groups: Optional[Callable] = None
     sampler: str = "random"
-    extra: dict = field(default_factory=dict)
 
     def load_classes(self):
         """Return `(model_class, processor_class)`, importing them."""
