@@ -6,6 +6,9 @@
 
 Every sentence of every ref is scored; the table (percentages, two decimals) is printed and the
 metrics are written as JSON (`--output`, default `<model>/eval_<dataset>.json` for a folder).
+On RefShapes, `--by_kind` also breaks each split down by kind of expression
+(`refseg.data.expression_kind`: colour, shape, colour+shape, size, position, ordinal, relation),
+printed as a second table and written next to the JSON as `<name>_by_kind.json`.
 """
 
 import _scripts_path  # noqa: F401  (first: keeps this file from shadowing the `evaluate` package)
@@ -20,8 +23,10 @@ from train_args import DataArguments
 from transformers import AutoModel, AutoProcessor
 
 import refseg  # noqa: F401  (registers the models with the Auto classes)
+from refseg.data.refshapes import EXPRESSION_KINDS, expression_kind
+from refseg.metrics import summarize_counts
 from refseg.training.data import load_eval_splits
-from refseg.training.evaluation import evaluate_split, format_results_table
+from refseg.training.evaluation import format_results_table, split_counts, summarize_by_group
 
 
 def parse_args(argv=None):
@@ -39,7 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--max_samples", type=int, default=None, help="first N sentences per split")
     p.add_argument("--mixed_precision", default=None)
     p.add_argument("--output", default=None, help="JSON file for the metrics")
-    return p.parse_args(argv)
+    p.add_argument("--by_kind", action="store_true",
+                   help="RefShapes only: also report each split by kind of expression")
+    args = p.parse_args(argv)
+    if args.by_kind and args.dataset != "refshapes":
+        raise ValueError(f"`--by_kind` needs `--dataset refshapes` (kinds come from the RefShapes grammar), "
+                         f"got {args.dataset!r}")
+    return args
 
 
 def main(argv=None):
@@ -53,17 +64,28 @@ def main(argv=None):
                               eval_splits=args.split, max_eval_samples=args.max_samples)
     with accelerator.main_process_first():
         splits = load_eval_splits(data_args)
-    results = {name: evaluate_split(model, processor, samples, accelerator=accelerator,
-                                    batch_size=args.batch_size, num_workers=args.num_workers,
-                                    threshold=args.threshold, desc=f"eval {name}")
-               for name, samples in splits.items()}
+    results, by_kind = {}, {}
+    for name, samples in splits.items():
+        rows = split_counts(model, processor, samples, accelerator=accelerator, batch_size=args.batch_size,
+                            num_workers=args.num_workers, threshold=args.threshold, desc=f"eval {name}")
+        results[name] = summarize_counts(rows[:, 1:])
+        if args.by_kind:
+            kinds = [expression_kind(sentence) for sentence in samples.dataset["sentence"]]
+            by_kind[name] = summarize_by_group(rows, kinds, order=EXPRESSION_KINDS)
     if accelerator.is_main_process:
         print(f"{args.model} on {args.dataset}:")
         print(format_results_table(results))
-        output = args.output or (Path(args.model) / f"eval_{args.dataset}.json" if Path(args.model).is_dir()
-                                 else f"eval_{args.dataset}.json")
-        Path(output).write_text(json.dumps(results, indent=2))
+        output = Path(args.output or (Path(args.model) / f"eval_{args.dataset}.json" if Path(args.model).is_dir()
+                                      else f"eval_{args.dataset}.json"))
+        output.write_text(json.dumps(results, indent=2))
         print(f"metrics written to {output}")
+        if args.by_kind:
+            print("by kind of expression:")
+            print(format_results_table({f"{split} {kind}": metrics for split, groups in by_kind.items()
+                                        for kind, metrics in groups.items()}))
+            kinds_output = output.with_name(f"{output.stem}_by_kind.json")
+            kinds_output.write_text(json.dumps(by_kind, indent=2))
+            print(f"metrics by kind written to {kinds_output}")
     return results
 
 

@@ -9,7 +9,8 @@
    pretraining a real CLIP checkpoint brings; cached in <workdir>/backbones/clip-pretrained);
 4. trains the tiny RISCLIP with scripts/train.py and scripts/configs/quickstart.yaml (CLIP frozen,
    Locator stage then Refiner stage), evaluates val, testA, testB and unseen;
-5. prints the metric table. The model lands in <workdir>/model (the Gradio Space's default).
+5. prints the metric table, then val broken down by kind of expression (scripts/evaluate.py
+   --by_kind). The model lands in <workdir>/model (the Gradio Space's default).
 Every step that is already done is reused on a second run.
 """
 
@@ -71,7 +72,22 @@ def main(argv=None):
 
     print(f"[4/4] RefShapes results of {work / 'model'} (percent; {time.time() - t0:.0f} s in all):")
     print(format_results_table(results))
+    if "val" in results:
+        print("val by kind of expression (scripts/evaluate.py --by_kind):")
+        _evaluate_script().main(["--model", str(work / "model"), "--data_root", str(data), "--split", "val",
+                                 "--by_kind"])
     return results
+
+
+def _evaluate_script():
+    """scripts/evaluate.py as a module (its file name is the `evaluate` package's, so load it by path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("refseg_evaluate_script", _SCRIPTS / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 
 if __name__ == "__main__":

@@ -162,3 +162,23 @@ def test_two_processes_share_one_result(tmp_path):
     assert not errors, errors
     assert results[1] is None
     assert results[0] == summarize_counts(intersection_union(predictions, references))
+
+
+def test_summarize_by_group_matches_each_subset_and_the_whole():
+    from refseg.training.evaluation import summarize_by_group
+
+    rng = np.random.default_rng(0)
+    union = rng.integers(1, 50, size=20)
+    rows = np.stack([np.arange(20), rng.integers(0, union + 1), union], axis=1)
+    labels = ["a", "b", "c", "b"] * 5
+    groups = summarize_by_group(rows[::-1], labels, order=["c", "z", "a"])  # row order does not matter
+    assert list(groups) == ["c", "a", "b"]  # `order` first (absent "z" skipped), then the rest sorted
+    for name, metrics in groups.items():
+        subset = rows[[i for i in range(20) if labels[i] == name]]
+        assert metrics == pytest.approx(summarize_counts(subset[:, 1:]), abs=1e-12)
+    whole = summarize_counts(rows[:, 1:])
+    assert sum(m["num_samples"] for m in groups.values()) == whole["num_samples"] == 20
+    weighted = sum(m["mIoU"] * m["num_samples"] for m in groups.values()) / 20
+    assert weighted == pytest.approx(whole["mIoU"], abs=1e-12)
+    with pytest.raises(ValueError, match="labels"):
+        summarize_by_group(rows, labels[:10])

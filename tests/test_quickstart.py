@@ -22,6 +22,13 @@ def test_quickstart_runs_every_step_and_prints_the_table(tmp_path, capsys):
     assert json.loads((work / "model" / "eval_results.json").read_text()) == results
     assert (work / "model" / "model.safetensors").is_file()
     assert (work / "backbones" / "clip-pretrained" / "model.safetensors").is_file()
+    # then val by kind of expression (every val sentence), printed and written next to the model
+    assert "val by kind of expression" in out
+    by_kind = json.loads((work / "model" / "eval_refshapes_by_kind.json").read_text())["val"]
+    full_val = json.loads((work / "model" / "eval_refshapes.json").read_text())["val"]
+    assert sum(m["num_samples"] for m in by_kind.values()) == full_val["num_samples"] >= metrics["num_samples"]
+    for kind, m in by_kind.items():
+        assert f"val {kind}" in out
 
     # A second run reuses the data and the pretrained CLIP instead of rebuilding them.
     before = (work / "backbones" / "clip-pretrained" / "model.safetensors").stat().st_mtime_ns

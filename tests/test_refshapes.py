@@ -16,7 +16,8 @@ from refseg.data.refshapes import (
     ANGULAR_SHAPES, COLORS, ROUND_SHAPES, SHAPES, SPLITS, UNSEEN_PAIRS, expression_corpus, load_scenes, split_counts,
 )
 from refseg.data.refshapes_lang import (
-    KINDS, LogicalForm, NounPhrase, Scene, SceneObject, parse_expression, resolve_expression, surface_forms,
+    EXPRESSION_KINDS, KINDS, LogicalForm, NounPhrase, Scene, SceneObject, expression_kind, parse_expression,
+    resolve_expression, surface_forms,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,6 +149,28 @@ def test_parse_expression_examples():
     assert parse_expression("the smaller star") == LogicalForm(NounPhrase(None, "star"), "size", "min")
     with pytest.raises(ValueError, match="not a RefShapes expression"):
         parse_expression("the dog")
+
+
+def test_expression_kind(refshapes_root):
+    assert expression_kind("the green shape") == "colour"
+    assert expression_kind("The star.") == "shape"
+    assert expression_kind("blue oval") == "colour+shape"
+    assert expression_kind("the big red square") == "size"
+    assert expression_kind("the leftmost circle") == "position"
+    assert expression_kind("the second circle from the left") == "ordinal"
+    assert expression_kind("the star above the blue triangle") == "relation"
+    with pytest.raises(ValueError, match="not a RefShapes expression"):
+        expression_kind("the giraffe looking up")
+    with pytest.raises(ValueError, match="neither a colour nor a shape"):
+        expression_kind("the shape")
+    # Every generated sentence gets a kind, and the attribute kind splits into exactly three.
+    sentences = [s for split in ("train", "val") for s in explode_sentences(
+        load_refer(refshapes_root, "refshapes", "unc", split))["sentence"]]
+    kinds = {s: expression_kind(s) for s in sentences}
+    assert set(kinds.values()) <= set(EXPRESSION_KINDS)
+    for sentence, kind in kinds.items():
+        op = parse_expression(sentence).op
+        assert (kind in ("colour", "shape", "colour+shape")) == (op == "attribute") and (op == "attribute" or kind == op)
 
 
 def test_resolver_rules():

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from refseg.data.refshapes import EXPRESSION_KINDS
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "scripts" / "train.py"
 
@@ -82,9 +84,18 @@ def test_checkpoints_limit_and_exact_resume(tiny_backbones, refshapes_root, tmp_
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     again = script.main(["--model", str(out), "--dataset", "refshapes", "--data_root", str(refshapes_root),
-                         "--split", "val", "--max_samples", "12", "--output", str(tmp_path / "eval.json")])
+                         "--split", "val", "--max_samples", "12", "--output", str(tmp_path / "eval.json"),
+                         "--by_kind"])
     assert again == results
     assert json.loads((tmp_path / "eval.json").read_text()) == results
+    # --by_kind: the same 12 sentences split by kind of expression; the kinds add up to the whole.
+    by_kind = json.loads((tmp_path / "eval_by_kind.json").read_text())["val"]
+    assert set(by_kind) <= set(EXPRESSION_KINDS) and len(by_kind) >= 2
+    assert sum(m["num_samples"] for m in by_kind.values()) == 12
+    weighted = sum(m["mIoU"] * m["num_samples"] for m in by_kind.values()) / 12
+    assert weighted == pytest.approx(results["val"]["mIoU"], abs=1e-9)
+    with pytest.raises(ValueError, match="--by_kind"):
+        script.parse_args(["--model", str(out), "--dataset", "refcoco", "--by_kind"])
 
     # Pretend the run died after step 4: drop what came later and resume from `latest`.
     import shutil

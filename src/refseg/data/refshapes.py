@@ -41,9 +41,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from .refshapes_lang import (
-    ANGULAR_SHAPES, COLORS, DIRECTIONS, KINDS, ORDINALS, RELATION_WORDS, ROUND_SHAPES, SEEN_PAIRS, SHAPES, SIZE_WORDS,
-    UNSEEN_PAIRS, LogicalForm, NounPhrase, Scene, SceneObject, parse_expression, resolve_expression,
-    surface_forms,
+    ANGULAR_SHAPES, COLORS, DIRECTIONS, EXPRESSION_KINDS, KINDS, ORDINALS, RELATION_WORDS, ROUND_SHAPES, SEEN_PAIRS,
+    SHAPES, SIZE_WORDS, UNSEEN_PAIRS, LogicalForm, NounPhrase, Scene, SceneObject, expression_kind, parse_expression,
+    resolve_expression, surface_forms,
 )
 from .refshapes_scene import background, compose, mask_bbox, place_objects
 
@@ -314,6 +314,6 @@ def expression_corpus(seed: int = 0) -> list[str]:
 __all__ = [
     "CATEGORIES", "SPLITS", "UNSEEN_PAIRS", "SEEN_PAIRS", "ROUND_SHAPES", "ANGULAR_SHAPES", "COLORS", "SHAPES",
     "LogicalForm", "NounPhrase", "Scene", "SceneObject",
-    "describe", "expression_corpus", "load_scenes", "make_refshapes", "parse_expression", "resolve_expression",
+    "EXPRESSION_KINDS", "describe", "expression_corpus", "expression_kind", "load_scenes", "make_refshapes", "parse_expression", "resolve_expression",
     "split_counts", "surface_forms",
 ]

@@ -266,8 +266,32 @@ def parse_expression(sentence: str) -> LogicalForm:
     raise ValueError(f"sentence: {sentence!r} is not a RefShapes expression")
 
 
+# `expression_kind`'s labels: the attribute kind split by what the expression names, then the others.
+EXPRESSION_KINDS: tuple[str, ...] = ("colour", "shape", "colour+shape", "size", "position", "ordinal", "relation")
+
+
+def expression_kind(sentence: str) -> str:
+    """The kind of a RefShapes expression, for results broken down by kind (one of `EXPRESSION_KINDS`).
+
+    Attribute expressions are labelled by what they name: "colour" ("the green shape"), "shape"
+    ("the star") or "colour+shape" ("the red circle"); every other expression by its `op`
+    ("size", "position", "ordinal", "relation").
+
+    Raises:
+        ValueError: the sentence is not in the RefShapes grammar, or names neither colour nor shape.
+    """
+    form = parse_expression(sentence)
+    if form.op != "attribute":
+        return form.op
+    if form.target.color and form.target.shape:
+        return "colour+shape"
+    if form.target.color or form.target.shape:
+        return "colour" if form.target.color else "shape"
+    raise ValueError(f"{sentence!r} names neither a colour nor a shape")
+
+
 __all__ = [
-    "ANGULAR_SHAPES", "COLORS", "KINDS", "ROUND_SHAPES", "SEEN_PAIRS", "SHAPES", "UNSEEN_PAIRS",
+    "ANGULAR_SHAPES", "COLORS", "EXPRESSION_KINDS", "KINDS", "ROUND_SHAPES", "SEEN_PAIRS", "SHAPES", "UNSEEN_PAIRS",
     "LogicalForm", "NounPhrase", "Scene", "SceneObject",
-    "noun_phrase_variants", "parse_expression", "resolve_expression", "surface_forms",
+    "expression_kind", "noun_phrase_variants", "parse_expression", "resolve_expression", "surface_forms",
 ]

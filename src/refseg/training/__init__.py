@@ -7,7 +7,7 @@ stage-aware learning-rate schedule (`schedules`) and the distributed evaluation 
 """
 
 from .checkpointing import find_latest_checkpoint, prune_checkpoints, save_checkpoint
-from .evaluation import evaluate_split
+from .evaluation import evaluate_split, split_counts, summarize_by_group
 from .registry import METHODS, MethodSpec, get_method
 from .samples import EvalSamples, TrainSamples, epoch_permutation
 from .schedules import StagePlan, build_stage_plan, staged_lr_lambda
@@ -25,5 +25,7 @@ __all__ = [
     "get_method",
     "prune_checkpoints",
     "save_checkpoint",
+    "split_counts",
     "staged_lr_lambda",
+    "summarize_by_group",
 ]

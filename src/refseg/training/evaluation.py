@@ -55,9 +55,9 @@ def gather_rows(rows: np.ndarray, accelerator) -> np.ndarray:
     return out[np.argsort(out[:, 0], kind="stable")]
 
 
-def evaluate_split(model, processor, samples, *, accelerator, batch_size=8, num_workers=0,
-                   threshold=None, desc="eval"):
-    """Metric dict (`oIoU`, `mIoU`, `precision@X`, `num_samples`) over all of `samples`.
+def split_counts(model, processor, samples, *, accelerator, batch_size=8, num_workers=0,
+                 threshold=None, desc="eval") -> np.ndarray:
+    """Gathered integer (index, intersection, union) rows, one per sample of `samples`, sorted by index.
 
     Raises `RuntimeError` if the gathered rows do not cover every sample exactly once.
     """
@@ -67,7 +67,31 @@ def evaluate_split(model, processor, samples, *, accelerator, batch_size=8, num_
     if len(rows) != len(samples) or len(np.unique(rows[:, 0])) != len(samples):
         raise RuntimeError(f"evaluation covered {len(np.unique(rows[:, 0]))} distinct of "
                            f"{len(samples)} samples ({len(rows)} rows)")
+    return rows
+
+
+def evaluate_split(model, processor, samples, *, accelerator, batch_size=8, num_workers=0,
+                   threshold=None, desc="eval"):
+    """Metric dict (`oIoU`, `mIoU`, `precision@X`, `num_samples`) over all of `samples` (see `split_counts`)."""
+    rows = split_counts(model, processor, samples, accelerator=accelerator, batch_size=batch_size,
+                        num_workers=num_workers, threshold=threshold, desc=desc)
     return summarize_counts(rows[:, 1:])
+
+
+def summarize_by_group(rows: np.ndarray, labels, order=None) -> dict:
+    """`{label: metrics}` of the (index, I, U) `rows` grouped by `labels[index]`.
+
+    `labels` holds one label per sample index; groups come in `order` (labels absent from the rows
+    are skipped), then any other label in sorted order.
+    """
+    rows = np.asarray(rows)
+    if len(rows) and rows[:, 0].max() >= len(labels):
+        raise ValueError(f"`labels` has {len(labels)} entries but the rows reach sample index {rows[:, 0].max()}")
+    row_labels = np.asarray([labels[i] for i in rows[:, 0]], dtype=object)
+    present = set(row_labels.tolist())
+    ordered = [g for g in (order or ()) if g in present]
+    ordered += sorted(present - set(ordered))
+    return {g: summarize_counts(rows[row_labels == g, 1:]) for g in ordered}
 
 
 METRIC_COLUMNS = ("oIoU", "mIoU", "precision@0.5", "precision@0.6", "precision@0.7",
