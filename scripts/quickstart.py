@@ -89,6 +89,5 @@ def _evaluate_script():
     return module
 
 
-
 if __name__ == "__main__":
     main()

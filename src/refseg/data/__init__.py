@@ -12,7 +12,9 @@ from .augment import AffineParams, RandomAffineSaturation
 from .parquet import load_refer_parquet
 from .masks import decode_segmentation
 from .refer import REFER_FEATURES, SUPPORTED_SPLITS, explode_sentences, load_refer
-from .refshapes import expression_corpus, expression_kind, load_scenes, make_refshapes, parse_expression, resolve_expression
+from .refshapes import (
+    expression_corpus, expression_kind, load_scenes, make_refshapes, parse_expression, resolve_expression,
+)
 from .unpickle import RestrictedUnpickler, load_refs_pickle, restricted_loads
 
 __all__ = [

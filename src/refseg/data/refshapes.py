@@ -314,6 +314,6 @@ def expression_corpus(seed: int = 0) -> list[str]:
 __all__ = [
     "CATEGORIES", "SPLITS", "UNSEEN_PAIRS", "SEEN_PAIRS", "ROUND_SHAPES", "ANGULAR_SHAPES", "COLORS", "SHAPES",
     "LogicalForm", "NounPhrase", "Scene", "SceneObject",
-    "EXPRESSION_KINDS", "describe", "expression_corpus", "expression_kind", "load_scenes", "make_refshapes", "parse_expression", "resolve_expression",
-    "split_counts", "surface_forms",
+    "EXPRESSION_KINDS", "describe", "expression_corpus", "expression_kind", "load_scenes", "make_refshapes",
+    "parse_expression", "resolve_expression", "split_counts", "surface_forms",
 ]
