@@ -16,7 +16,13 @@ from transformers import (
     SamProcessor,
 )
 
-from refseg.backbones import save_tiny_backbones, tiny_clip_config, tiny_sam_config, train_clip_bpe
+from refseg.backbones import (
+    save_tiny_backbones,
+    sincos_position_embeddings,
+    tiny_clip_config,
+    tiny_sam_config,
+    train_clip_bpe,
+)
 
 TEXTS = [
     "the red circle on the left",
@@ -101,6 +107,44 @@ def test_clip_forward_with_tokenizer_and_image_processor(backbones):
     eos_pos = text["input_ids"][0].tolist().index(1023)
     assert eos_pos == 4  # bos the red circle eos
     torch.testing.assert_close(text_out.pooler_output[0], text_out.last_hidden_state[0, eos_pos])
+
+
+def _column_probe_error(model: CLIPModel, pixel_values: torch.Tensor) -> float:
+    """Mean absolute error (in tokens) of a least-squares probe reading each patch token's column
+    from the first encoder layer's input; fitted on half the images, scored on the other half."""
+    with torch.no_grad():
+        tokens = model.vision_model.pre_layrnorm(model.vision_model.embeddings(pixel_values))[:, 1:]
+    batch, length, dim = tokens.shape
+    grid = int(length**0.5)
+    columns = torch.arange(grid, dtype=torch.float32).repeat(grid).repeat(batch)
+    features = torch.cat([tokens.reshape(-1, dim), torch.ones(batch * length, 1)], dim=1)
+    half = batch // 2 * length
+    weights = torch.linalg.lstsq(features[:half], columns[:half, None]).solution
+    return (features[half:] @ weights - columns[half:, None]).abs().mean().item()
+
+
+def test_clip_position_embeddings_are_2d_sincos(backbones):
+    model = CLIPModel.from_pretrained(backbones["clip"], local_files_only=True)
+    table = model.vision_model.embeddings.position_embedding.weight
+    assert torch.equal(table, sincos_position_embeddings(12, 64))
+    assert torch.equal(table[0], torch.zeros(64))  # [CLS]
+    # rows (1 + r * 12 + c): the first half codes the column, the second half the row
+    assert torch.equal(table[1 + 3, :32], table[1 + 5 * 12 + 3, :32])
+    assert torch.equal(table[1 + 5 * 12, 32:], table[1 + 5 * 12 + 7, 32:])
+    assert len({tuple(row.tolist()) for row in table[1:]}) == 144
+    with pytest.raises(ValueError, match="dim"):
+        sincos_position_embeddings(4, 30)
+
+
+def test_clip_tokens_know_their_position(backbones):
+    """With sine-cosine position embeddings a linear probe reads a token's column from the frozen
+    tower; with CLIP's own random initialisation (std 0.02) it cannot do much better than guessing."""
+    pixel_values = 0.5 * torch.randn(16, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    model = CLIPModel.from_pretrained(backbones["clip"], local_files_only=True).eval()
+    stock = CLIPModel(model.config).eval()  # CLIP's own initialisation
+    guess = torch.arange(12.0).sub(5.5).abs().mean().item()  # always predicting the centre: 3.0
+    assert _column_probe_error(model, pixel_values) < 0.5
+    assert _column_probe_error(stock, pixel_values) > 0.8 * guess
 
 
 def test_sam_forward_with_processor(backbones):

@@ -2,7 +2,8 @@
 
 `save_tiny_backbones(out_dir)` writes two folders that load offline exactly like Hub checkpoints:
 
-- `<out>/clip`: a tiny `CLIPModel` (safetensors), a tiny `CLIPTokenizer` whose byte-level BPE is
+- `<out>/clip`: a tiny `CLIPModel` (safetensors) whose image tower starts from 2-D sine-cosine
+  position embeddings (see `sincos_position_embeddings`), a tiny `CLIPTokenizer` whose byte-level BPE is
   trained locally on `texts` (default: `refseg.data.refshapes.expression_corpus()`), written in
   CLIP's own format (`vocab.json` + `merges.txt`, word ends marked `</w>`, specials
   `<|startoftext|>` / `<|endoftext|>`, pad = `<|endoftext|>` as in openai/clip) plus
@@ -229,6 +230,35 @@ def tiny_sam_config(
     )
 
 
+def sincos_position_embeddings(grid: int, dim: int, amplitude: float = 1.0) -> torch.Tensor:
+    """2-D sine-cosine position embeddings for a ViT's `[CLS] + grid x grid` tokens, shape `(1 + grid**2, dim)`.
+
+    Half the channels code the column, half the row, each as sines and cosines of the index at
+    `dim // 4` frequencies `10000 ** (-k / (dim // 4))` (the fixed embeddings of MAE and of the
+    original Transformer); the [CLS] row is zero. `dim` must be divisible by 4.
+
+    Why the tiny CLIP needs them: a pretrained CLIP's learned position embeddings are smooth 2-D
+    codes, and RISCLIP's frozen backbone relies on them for "left", "second from the top" and
+    for telling shapes apart. CLIP's own initialisation draws them at std 0.02, about a tenth of a
+    patch embedding's scale, and a short contrastive pretraining on crops never needs them, so
+    token positions cannot be read back from a randomly initialised tiny CLIP (a linear probe on
+    its frozen tokens does no better than predicting the centre).
+    """
+    if dim % 4:
+        raise ValueError(f"`dim` ({dim}) must be divisible by 4 for 2-D sine-cosine position embeddings")
+    quarter = dim // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    codes = []
+    for coordinate in (cols.flatten(), rows.flatten()):
+        angles = coordinate[:, None] * frequencies[None]
+        codes += [angles.sin(), angles.cos()]
+    table = torch.zeros(1 + grid * grid, dim, dtype=torch.float64)
+    table[1:] = torch.cat(codes, dim=1) * amplitude
+    return table.float()
+
+
 def _seeded_model(model_class, config, seed: int):
     """Build `model_class(config)` with weights fixed by `seed`, leaving the global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
@@ -305,7 +335,13 @@ def save_tiny_backbones(
         patch_size=clip_patch_size,
         max_text_len=clip_max_text_len,
     )
-    _seeded_model(CLIPModel, clip_config, seed).save_pretrained(clip_dir, safe_serialization=True)
+    clip = _seeded_model(CLIPModel, clip_config, seed)
+    embeddings = clip.vision_model.embeddings
+    with torch.no_grad():
+        embeddings.position_embedding.weight.copy_(
+            sincos_position_embeddings(clip_image_size // clip_patch_size, clip_hidden_size)
+        )
+    clip.save_pretrained(clip_dir, safe_serialization=True)
     CLIPImageProcessor(
         size={"shortest_edge": clip_image_size}, crop_size={"height": clip_image_size, "width": clip_image_size}
     ).save_pretrained(clip_dir)
@@ -332,4 +368,4 @@ def save_tiny_backbones(
     return {"clip": clip_dir, "sam": sam_dir}
 
 
-__all__ = ["save_tiny_backbones", "tiny_clip_config", "tiny_sam_config", "train_clip_bpe"]
+__all__ = ["save_tiny_backbones", "sincos_position_embeddings", "tiny_clip_config", "tiny_sam_config", "train_clip_bpe"]
