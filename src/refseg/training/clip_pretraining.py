@@ -1,12 +1,13 @@
 """Contrastive pretraining of a tiny CLIP on RefShapes object crops.
 
-The quickstart cannot download a pretrained CLIP, and a frozen *random* tiny CLIP gives RISCLIP's
-adapters little to adapt. So before the quickstart trains RISCLIP (with CLIP frozen, as in the
-paper), it gives the tiny CLIP what real CLIP brings: image-text alignment. Each pair is a crop
-around one object of a *training* image and the caption "a <colour> <shape>"; a batch holds
-distinct colour-shape pairs only, so CLIP's contrastive targets (`CLIPModel(..., return_loss=True)`)
-are never contradicted by duplicate captions. Pairs held out of RefShapes' training images (the
-`unseen` split's) are therefore never seen by CLIP either.
+The quickstart cannot download a pretrained CLIP, and RISCLIP's Locator scores patch tokens against
+the expression's [EOS] token in CLIP's joint image-text space, which a random CLIP has not aligned.
+So before the quickstart trains RISCLIP (with CLIP frozen, as in the paper), it gives the tiny CLIP
+what real CLIP brings: image-text alignment (the README's Quickstart section says what it changes on
+RefShapes). Each pair is a crop around one object of a *training* image and the caption
+"a <colour> <shape>"; a batch holds distinct colour-shape pairs only, so CLIP's contrastive targets
+(`CLIPModel(..., return_loss=True)`) are never contradicted by duplicate captions. Pairs held out
+of RefShapes' training images (the `unseen` split's) are therefore never seen by CLIP either.
 """
 
 import json
