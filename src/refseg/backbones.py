@@ -3,7 +3,7 @@
 `save_tiny_backbones(out_dir)` writes two folders that load offline exactly like Hub checkpoints:
 
 - `<out>/clip`: a tiny `CLIPModel` (safetensors) whose image tower starts from 2-D sine-cosine
-  position embeddings (see `sincos_position_embeddings`), a tiny `CLIPTokenizer` whose byte-level BPE is
+  position embeddings (`sincos_position_embeddings`), a tiny `CLIPTokenizer` whose byte-level BPE is
   trained locally on `texts` (default: `refseg.data.refshapes.expression_corpus()`), written in
   CLIP's own format (`vocab.json` + `merges.txt`, word ends marked `</w>`, specials
   `<|startoftext|>` / `<|endoftext|>`, pad = `<|endoftext|>` as in openai/clip) plus
@@ -241,8 +241,8 @@ def sincos_position_embeddings(grid: int, dim: int, amplitude: float = 1.0) -> t
     codes, and RISCLIP's frozen backbone relies on them for "left", "second from the top" and
     for telling shapes apart. CLIP's own initialisation draws them at std 0.02, about a tenth of a
     patch embedding's scale, and a short contrastive pretraining on crops never needs them, so
-    token positions cannot be read back from a randomly initialised tiny CLIP (a linear probe on
-    its frozen tokens does no better than predicting the centre).
+    token positions can hardly be read back from a randomly initialised tiny CLIP (a linear probe on
+    its frozen tokens does little better than always predicting the centre).
     """
     if dim % 4:
         raise ValueError(f"`dim` ({dim}) must be divisible by 4 for 2-D sine-cosine position embeddings")
@@ -336,9 +336,8 @@ def save_tiny_backbones(
         max_text_len=clip_max_text_len,
     )
     clip = _seeded_model(CLIPModel, clip_config, seed)
-    embeddings = clip.vision_model.embeddings
     with torch.no_grad():
-        embeddings.position_embedding.weight.copy_(
+        clip.vision_model.embeddings.position_embedding.weight.copy_(
             sincos_position_embeddings(clip_image_size // clip_patch_size, clip_hidden_size)
         )
     clip.save_pretrained(clip_dir, safe_serialization=True)
