@@ -230,7 +230,7 @@ def tiny_sam_config(
     )
 
 
-def sincos_position_embeddings(grid: int, dim: int, amplitude: float = 1.0) -> torch.Tensor:
+def sincos_position_embeddings(grid: int, dim: int) -> torch.Tensor:
     """2-D sine-cosine position embeddings for a ViT's `[CLS] + grid x grid` tokens, shape `(1 + grid**2, dim)`.
 
     Half the channels code the column, half the row, each as sines and cosines of the index at
@@ -255,7 +255,7 @@ def sincos_position_embeddings(grid: int, dim: int, amplitude: float = 1.0) -> t
         angles = coordinate[:, None] * frequencies[None]
         codes += [angles.sin(), angles.cos()]
     table = torch.zeros(1 + grid * grid, dim, dtype=torch.float64)
-    table[1:] = torch.cat(codes, dim=1) * amplitude
+    table[1:] = torch.cat(codes, dim=1)
     return table.float()
 
 
