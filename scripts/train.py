@@ -38,7 +38,7 @@ from refseg.training.data import load_eval_splits, load_train_split
 from refseg.training.modeling import build_model_and_processor, stage_parameters
 from refseg.training.resume import load_state, write_main_state, write_rng_state
 from refseg.training.samples import ProcessorCollator, ShardedEpochBatchSampler
-from refseg.training.schedules import parse_stages
+from refseg.training.schedules import parse_stage_learning_rates, parse_stages
 
 logger = get_logger(__name__)
 
@@ -106,8 +106,10 @@ def main(argv=None):
     optimizer = build_optimizer(spec.param_groups(model, args.learning_rate) if spec.param_groups
                                 else params, args)
     milestones = [float(m) for m in args.lr_milestones.split(",") if m.strip()]
+    stage_rates = parse_stage_learning_rates(args.stage_learning_rates)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, staged_lr_lambda(
-        plan, kind=args.lr_scheduler, power=args.lr_power, milestones=milestones, gamma=args.lr_gamma))
+        plan, kind=args.lr_scheduler, power=args.lr_power, milestones=milestones, gamma=args.lr_gamma,
+        stage_scales={name: rate / args.learning_rate for name, rate in stage_rates.items()}))
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 

@@ -52,6 +52,7 @@ class TrainArguments:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer update"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw | adam"})
     learning_rate: float = field(default=5e-5, metadata={"help": "base learning rate"})
+    stage_learning_rates: str = field(default="", metadata={"help": "per-stage base rates, e.g. 'refiner:3e-3' (others: learning_rate)"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
     adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
     adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2"})

@@ -92,6 +92,23 @@ def test_logits_are_foreground_minus_background_scores():
     assert torch.equal(out.logits.sigmoid() > 0.5, scores.argmax(dim=1) == 1)
 
 
+def test_refiner_reads_the_embeddings_as_layer_zero():
+    # patch 8, 8 x 8 tokens, three x2 layers: exactly the 64 px input, no final resize
+    model = small_model(refiner_hidden_sizes=[8, 8, 8], refiner_feature_layers=[2, 1, 0])
+    inputs = model_inputs()
+    captured = {}
+    model.refiner.register_forward_hook(lambda _m, args, out: captured.update(features=args[1], scores=out))
+    out = model(**inputs)
+    assert captured["scores"].shape[-2:] == (64, 64)
+    assert torch.equal(out.logits, captured["scores"][:, 1] - captured["scores"][:, 0])
+    vision = model.clip.vision_model
+    with torch.no_grad():
+        embeddings = vision.pre_layrnorm(vision.embeddings(inputs["pixel_values"], interpolate_pos_encoding=True))[:, 1:]
+    assert torch.equal(captured["features"][2], embeddings.transpose(1, 2).reshape(2, 32, 8, 8))
+    with pytest.raises(ValueError, match="refiner_feature_layers"):
+        small_model(refiner_hidden_sizes=[8, 8, 8], refiner_feature_layers=[2, 1, -1])
+
+
 def test_locator_training_skips_the_frozen_refiner():
     model = small_model()
     calls = []

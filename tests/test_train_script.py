@@ -170,3 +170,25 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_backbones, refshape
     set_seed(3)  # the runs' seed, set before the model is built: their starting point
     start = RisclipModel.from_backbones(clip=tiny_backbones["clip"], image_size=64).trainable_state_dict()
     assert any(not torch.equal(start[k], big[k]) for k in big)  # three updates did move the weights
+
+
+def test_stage_learning_rates_set_each_stage_base_rate(tiny_backbones, refshapes_root, tmp_path):
+    import train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train.main(_common_args(tiny_backbones, refshapes_root, out, stages="locator:2,refiner:2", eval_splits="",
+                            stage_learning_rates="refiner:5e-3", report_to="tensorboard"))
+    logged = []
+    for events in (out / "logs").rglob("events.out.tfevents.*"):  # scalars, and a separate hparams file
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if "train/lr" in accumulator.Tags()["scalars"]:
+            logged += [(e.step, e.value) for e in accumulator.Scalars("train/lr")]
+    # the rate for the next update, logged after updates 1-4: the Locator's decay from 1e-3, then the
+    # Refiner's restart at its own 5e-3 and its decay
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+    assert [v for _, v in logged] == pytest.approx([5e-4, 5e-3, 2.5e-3, 0.0])
+    with pytest.raises(ValueError, match="stage_learning_rates"):
+        train.main(_common_args(tiny_backbones, refshapes_root, tmp_path / "bad", stages="locator:1",
+                                eval_splits="", stage_learning_rates="refiner:5e-3"))

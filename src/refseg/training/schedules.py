@@ -51,6 +51,21 @@ def parse_stages(text: str) -> dict:
     return out
 
 
+def parse_stage_learning_rates(text: str) -> dict:
+    """Parse `"refiner:3e-3"` into `{"refiner": 0.003}` (stages not named use the base rate)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition(":")
+        try:
+            rate = float(value) if sep else None
+        except ValueError:
+            rate = None
+        if rate is None or not rate > 0 or not math.isfinite(rate):
+            raise ValueError(f"`stage_learning_rates` entries must look like 'name:positive_float', got {part!r}")
+        out[name.strip()] = rate
+    return out
+
+
 def build_stage_plan(
     stage_lengths: dict,
     *,
@@ -84,24 +99,32 @@ def build_stage_plan(
 
 
 def staged_lr_lambda(plan: StagePlan, *, kind: str = "polynomial", power: float = 1.0,
-                     milestones: Sequence[float] = (), gamma: float = 0.1, end_factor: float = 0.0):
+                     milestones: Sequence[float] = (), gamma: float = 0.1, end_factor: float = 0.0,
+                     stage_scales: Optional[dict] = None):
     """Multiplier of the base learning rate for global update `step`, restarting per stage.
 
     kind="polynomial": (1 - t)^power * (1 - end_factor) + end_factor, t = progress in the stage.
     kind="step": gamma ** (number of `milestones` (fractions of the stage) already passed).
     kind="constant": 1.
+    `stage_scales` (`{stage: factor}`) multiplies the stages it names (e.g. a Refiner trained at
+    3x the base rate); the others keep factor 1.
     """
     if kind not in ("polynomial", "step", "constant"):
         raise ValueError(f"`lr_scheduler` must be polynomial, step or constant, got {kind!r}")
+    stage_scales = dict(stage_scales or {})
+    unknown = set(stage_scales) - set(plan.names)
+    if unknown:
+        raise ValueError(f"`stage_learning_rates` names stage(s) {sorted(unknown)} not in this run {list(plan.names)}")
+    scales = [float(stage_scales.get(name, 1.0)) for name in plan.names]
 
     def fn(step: int) -> float:
         i = plan.stage_at(step)
         t = (step - plan.starts[i]) / max(plan.steps[i], 1)
         t = min(max(t, 0.0), 1.0)
         if kind == "polynomial":
-            return (1.0 - t) ** power * (1.0 - end_factor) + end_factor
+            return scales[i] * ((1.0 - t) ** power * (1.0 - end_factor) + end_factor)
         if kind == "step":
-            return gamma ** sum(t >= m for m in milestones)
-        return 1.0
+            return scales[i] * gamma ** sum(t >= m for m in milestones)
+        return scales[i]
 
     return fn

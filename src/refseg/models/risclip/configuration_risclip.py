@@ -56,7 +56,8 @@ class RisclipConfig(PreTrainedConfig):
             Output channels of the Refiner's [3x3 conv, BN, ReLU, x2 bilinear] layers (not given by the paper;
             narrowing as the resolution doubles).
         refiner_feature_layers (`list[int]`, *optional*, defaults to `[4, 3, 2, 1]`):
-            1-based CLIP image layers whose outputs (before any fusion) feed the Refiner layers, in order.
+            1-based CLIP image layers whose outputs (before any fusion) feed the Refiner layers, in order;
+            0 is the embedding output (patch + position embeddings after CLIP's pre-LN, the paper's f_0).
             Indices deeper than the image tower are clipped to its depth.
         locator_logit_scale_init (`float`, *optional*, defaults to 10.0):
             Initial scale of the Locator's cosine similarity (learned in log space): cosines in [-1, 1] map to
@@ -189,8 +190,10 @@ class RisclipConfig(PreTrainedConfig):
                 f"`refiner_feature_layers` ({self.refiner_feature_layers}) needs one entry per Refiner layer "
                 f"(`refiner_hidden_sizes` has {len(self.refiner_hidden_sizes)})"
             )
-        if any(i < 1 for i in self.refiner_feature_layers):
-            raise ValueError(f"`refiner_feature_layers` are 1-based layer indices, got {self.refiner_feature_layers!r}")
+        if any(i < 0 for i in self.refiner_feature_layers):
+            raise ValueError(
+                f"`refiner_feature_layers` are 1-based layer indices (0: the embeddings), got {self.refiner_feature_layers!r}"
+            )
         if self.locator_logit_scale_init <= 0:
             raise ValueError(f"`locator_logit_scale_init` must be > 0, got {self.locator_logit_scale_init!r}")
         if not 0.0 <= self.focal_alpha <= 1.0:

@@ -263,6 +263,8 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
         features = {}
 
         h_v = vision.pre_layrnorm(vision.embeddings(pixel_values, interpolate_pos_encoding=True))
+        if 0 in wanted:
+            features[0] = h_v
         h_t = text.embeddings(input_ids=input_ids)
         causal_mask = create_causal_mask(
             config=text.config, inputs_embeds=h_t, attention_mask=attention_mask, past_key_values=None
