@@ -107,9 +107,13 @@ def main(argv=None):
                                 else params, args)
     milestones = [float(m) for m in args.lr_milestones.split(",") if m.strip()]
     stage_rates = parse_stage_learning_rates(args.stage_learning_rates)
+    unknown = sorted(set(stage_rates) - set(spec.stages))
+    if unknown:
+        raise ValueError(f"`stage_learning_rates` names stage(s) {unknown}; {model_args.method} has {list(spec.stages)}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, staged_lr_lambda(
         plan, kind=args.lr_scheduler, power=args.lr_power, milestones=milestones, gamma=args.lr_gamma,
-        stage_scales={name: rate / args.learning_rate for name, rate in stage_rates.items()}))
+        # a rate for a stage this run skips (e.g. `--stages locator:N` on the quickstart config) is unused
+        stage_scales={name: rate / args.learning_rate for name, rate in stage_rates.items() if name in plan.names}))
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 

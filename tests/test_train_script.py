@@ -191,4 +191,4 @@ def test_stage_learning_rates_set_each_stage_base_rate(tiny_backbones, refshapes
     assert [v for _, v in logged] == pytest.approx([5e-4, 5e-3, 2.5e-3, 0.0])
     with pytest.raises(ValueError, match="stage_learning_rates"):
         train.main(_common_args(tiny_backbones, refshapes_root, tmp_path / "bad", stages="locator:1",
-                                eval_splits="", stage_learning_rates="refiner:5e-3"))
+                                eval_splits="", stage_learning_rates="joint:5e-3"))
