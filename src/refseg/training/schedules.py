@@ -38,14 +38,33 @@ class StagePlan:
         return len(self.steps) - 1
 
 
-def parse_stages(text: str) -> dict:
-    """Parse `"locator:59,refiner:1"` into `{"locator": 59, "refiner": 1}`."""
+def _parse_stage_values(text: str, flag: str, kind: str, convert) -> dict:
+    """`"a:x,b:y"` -> `{"a": convert("x"), ...}`; `convert` returns None for a bad value."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition(":")
-        if not sep or not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"`stages` entries must look like 'name:positive_int', got {part!r}")
-        out[name.strip()] = int(value)
+        converted = convert(value.strip()) if sep else None
+        if converted is None:
+            raise ValueError(f"`{flag}` entries must look like 'name:{kind}', got {part!r}")
+        out[name.strip()] = converted
+    return out
+
+
+def _positive_int(value: str):
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def _positive_float(value: str):
+    try:
+        rate = float(value)
+    except ValueError:
+        return None
+    return rate if rate > 0 and math.isfinite(rate) else None
+
+
+def parse_stages(text: str) -> dict:
+    """Parse `"locator:59,refiner:1"` into `{"locator": 59, "refiner": 1}`."""
+    out = _parse_stage_values(text, "stages", "positive_int", _positive_int)
     if not out:
         raise ValueError("`stages` is empty")
     return out
@@ -53,17 +72,7 @@ def parse_stages(text: str) -> dict:
 
 def parse_stage_learning_rates(text: str) -> dict:
     """Parse `"refiner:3e-3"` into `{"refiner": 0.003}` (stages not named use the base rate)."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition(":")
-        try:
-            rate = float(value) if sep else None
-        except ValueError:
-            rate = None
-        if rate is None or not rate > 0 or not math.isfinite(rate):
-            raise ValueError(f"`stage_learning_rates` entries must look like 'name:positive_float', got {part!r}")
-        out[name.strip()] = rate
-    return out
+    return _parse_stage_values(text, "stage_learning_rates", "positive_float", _positive_float)
 
 
 def build_stage_plan(
