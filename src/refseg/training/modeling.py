@@ -6,6 +6,19 @@ import logging
 logger = logging.getLogger(__name__)
 
 
+def parse_config_overrides(text) -> dict:
+    """The `--config_overrides` JSON object as a dict (`{}` for `None` or an empty string)."""
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"`config_overrides` is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"`config_overrides` must be a JSON object of config fields, got {text!r}")
+    return overrides
+
+
 def backbone_sources(spec, model_args) -> dict:
     """`{"clip": id_or_path, ...}` from the preset, overridden by explicit flags."""
     sources = {}
@@ -27,8 +40,7 @@ def backbone_sources(spec, model_args) -> dict:
     missing = [name for name in spec.backbones if not sources.get(name)]
     if missing:
         raise ValueError(f"no backbone given for {missing}: pass --{missing[0]} or a --preset")
-    if model_args.config_overrides:
-        overrides.update(json.loads(model_args.config_overrides))
+    overrides.update(parse_config_overrides(model_args.config_overrides))
     return sources, overrides
 
 
