@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: config overrides reach the measured model; bad overrides are refused."""
+"""`config_overrides` in scripts/benchmark.py and in train.py's YAML and flags; bad overrides are refused."""
 
 import json
 
@@ -31,6 +31,26 @@ def test_bad_config_overrides_raise_naming_the_flag(text):
         benchmark.main(["--config_overrides", text])
 
 
-def test_empty_config_overrides_are_no_overrides():
+def test_config_overrides_from_json_text_or_a_mapping():
     assert parse_config_overrides(None) == {} == parse_config_overrides("")
     assert parse_config_overrides('{"image_size": 64}') == {"image_size": 64}
+    assert parse_config_overrides({"image_size": 64}) == {"image_size": 64}  # a YAML mapping
+
+
+def test_yaml_config_may_write_overrides_as_a_mapping(tiny_backbones, tmp_path):
+    from train_args import parse_args
+
+    from refseg.training import get_method
+    from refseg.training.modeling import backbone_sources
+
+    config = tmp_path / "run.yaml"
+    config.write_text("method: risclip\npreset: risclip-tiny\nconfig_overrides:\n  image_size: 96\n"
+                      "  refiner_feature_layers: [3, 1, 0]\n")
+    model_args, _, _ = parse_args(["--config", str(config), "--clip", str(tiny_backbones["clip"])])
+    _, overrides = backbone_sources(get_method("risclip"), model_args)
+    assert overrides["image_size"] == 96 and overrides["refiner_feature_layers"] == [3, 1, 0]
+    assert overrides["adapter_bottleneck_dim"] == 16  # the preset's value survives
+    model_args, _, _ = parse_args(["--config", str(config), "--clip", str(tiny_backbones["clip"]),
+                                   "--config_overrides", '{"image_size": 64}'])
+    overrides = backbone_sources(get_method("risclip"), model_args)[1]
+    assert overrides["image_size"] == 64 and "refiner_feature_layers" not in overrides  # the flag replaces the key

@@ -2,14 +2,20 @@
 
 import json
 import logging
+from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
 
 
 def parse_config_overrides(text) -> dict:
-    """The `--config_overrides` JSON object as a dict (`{}` for `None` or an empty string)."""
+    """The `--config_overrides` JSON object as a dict (`{}` for `None` or an empty string).
+
+    A mapping is taken as is: a YAML config may write the overrides as a mapping, not a string.
+    """
     if not text:
         return {}
+    if isinstance(text, Mapping):
+        return dict(text)
     try:
         overrides = json.loads(text)
     except json.JSONDecodeError as e:
