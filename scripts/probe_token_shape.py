@@ -32,6 +32,7 @@ from refseg.backbones import save_tiny_backbones
 from refseg.data.refshapes_lang import SEEN_PAIRS, SHAPES
 from refseg.data.refshapes_scene import background, compose, place_objects
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=("clip", "cnn"), default="clip")
@@ -128,16 +129,16 @@ def main(argv=None):
         optimizer, lambda s: min(1.0, (s + 1) / 50) * (1 - s / args.steps))
     val_rng, train_rng = (np.random.default_rng([args.seed, k]) for k in (1, 2))  # disjoint streams
     val = [draw_scene(val_rng, image_size, grid) for _ in range(args.val_scenes)]
+    val_pixels = (torch.stack([s[0] for s in val]) - mean) / std
+    val_labels = torch.stack([s[1] for s in val]).flatten()
+    val_keep = val_labels >= 0
 
-    def accuracy(scenes):
+    def val_accuracy():
         model.eval()
         with torch.no_grad():
-            pixels = (torch.stack([s[0] for s in scenes]) - mean) / std
-            labels = torch.stack([s[1] for s in scenes]).flatten()
-            pred = model(pixels).flatten(0, 1).argmax(-1)
+            pred = model(val_pixels).flatten(0, 1).argmax(-1)
         model.train()
-        keep = labels >= 0
-        return (pred[keep] == labels[keep]).float().mean().item()
+        return (pred[val_keep] == val_labels[val_keep]).float().mean().item()
 
     history, start = [], time.perf_counter()
     model.train()
@@ -152,7 +153,7 @@ def main(argv=None):
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.eval_every == 0 or step == args.steps:
-            history.append({"step": step, "loss": loss.item(), "val_token_shape_accuracy": accuracy(val),
+            history.append({"step": step, "loss": loss.item(), "val_token_shape_accuracy": val_accuracy(),
                             "seconds": time.perf_counter() - start})
             if not args.json:
                 h = history[-1]
