@@ -1,9 +1,12 @@
 """Cross-modal fusion adapters: RISCLIP's PreFusion (inside the encoders) and PostFusion (after them).
 
 Both run pre-LN blocks whose residual branches start at zero, so a fresh fusion adapter leaves
-the features it receives unchanged (PreFusion: the back-projections `s2v`/`s2t` are zero;
-PostFusion: the value projections and the output-projection biases are zero, so the attention
-branches start at zero while the MLP branches do not, as the paper's Appendix A specifies).
+the features it receives unchanged, as the paper's Appendix A asks ("we also initialize our Fusion
+Adapters such that the outputs are initially zero"). PreFusion: the back-projections `s2v`/`s2t`
+are zero. PostFusion: the value projections and output-projection biases of its attentions are
+zero (the paper's wording), and so is the last projection `fc2` of both MLP branches. Appendix A
+names only the value projections; without `fc2 = 0` the MLP branches would move the tokens of a
+freshly built RISCLIP away from CLIP's MaskCLIP map, which the zero start exists to keep.
 
 A PreFusion adapter joins a layer of the image tower with a layer of the text tower, so it cannot
 wrap a single module: the model that owns it runs the two towers in lockstep and calls it
@@ -88,13 +91,23 @@ class FusionAttention(AdapterModule):
 
 
 class FusionMLP(nn.Module):
-    """Linear -> GELU -> Linear, (B, N, D) -> (B, N, D)."""
+    """Linear -> GELU -> Linear, (B, N, D) -> (B, N, D).
+
+    `reset_parameters` draws `fc1` Xavier-uniform and zeroes `fc2`, so the branch starts at zero.
+    """
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.fc1.weight)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -102,6 +115,10 @@ class FusionMLP(nn.Module):
 
 def _channel_scale(dim: int, enabled: bool) -> Optional[nn.Parameter]:
     return nn.Parameter(torch.empty(dim)) if enabled else None
+
+
+def _scaled(x: torch.Tensor, scale: Optional[nn.Parameter]) -> torch.Tensor:
+    return x if scale is None else x * scale
 
 
 class PreFusionAdapter(AdapterModule):
@@ -175,10 +192,7 @@ class PreFusionAdapter(AdapterModule):
         shared_t = self.norm_shared_text(self.t2s(self.norm_text(text_states)))
         fused_v = self.s2v(self.vision_cross_attn(shared_v, shared_t, text_padding_mask))
         fused_t = self.s2t(self.text_cross_attn(shared_t, shared_v))
-        if self.vision_scale is not None:
-            fused_v = fused_v * self.vision_scale
-            fused_t = fused_t * self.text_scale
-        return vision_states + fused_v, text_states + fused_t
+        return vision_states + _scaled(fused_v, self.vision_scale), text_states + _scaled(fused_t, self.text_scale)
 
 
 class PostFusionLayer(AdapterModule):
@@ -186,31 +200,38 @@ class PostFusionLayer(AdapterModule):
 
     Both streams live in CLIP's joint space after the final projections, so there is no shared
     projection. The two cross-attentions read the layer's inputs (as in PreFusion); text padding
-    is masked wherever text tokens are keys. Value projections start at zero (Appendix A).
+    is masked wherever text tokens are keys. Every branch starts at zero (value projections, as
+    Appendix A says, and the MLPs' `fc2`, see the module docstring), so a fresh layer is the identity.
 
     Args:
         dim (`int`): width of both streams (CLIP `projection_dim`).
         num_heads (`int`), learnable_temperature (`bool`), dropout (`float`): see `FusionAttention`.
         mlp_ratio (`float`): MLP hidden width / `dim`.
+        channel_scale (`bool`) / scale_init (`float`): learnable per-channel scales on each of the six
+            branch outputs (cross-attention, self-attention, MLP; per modality) before its residual sum
+            (Appendix A, "Additional Techniques").
     """
+
+    BRANCHES = ("cross_vision", "cross_text", "self_vision", "self_text", "mlp_vision", "mlp_text")
 
     def __init__(
         self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, learnable_temperature: bool = False,
-        dropout: float = 0.0, layer_norm_eps: float = 1e-5,
+        channel_scale: bool = False, scale_init: float = 1.0, dropout: float = 0.0, layer_norm_eps: float = 1e-5,
     ):
         super().__init__()
+        self.scale_init = scale_init
         attn_kwargs = {"learnable_temperature": learnable_temperature, "zero_value": True, "dropout": dropout}
         hidden = int(dim * mlp_ratio)
-        self.norms = nn.ModuleDict(
-            {name: nn.LayerNorm(dim, eps=layer_norm_eps) for name in
-             ("cross_vision", "cross_text", "self_vision", "self_text", "mlp_vision", "mlp_text")}
-        )
+        self.norms = nn.ModuleDict({name: nn.LayerNorm(dim, eps=layer_norm_eps) for name in self.BRANCHES})
         self.vision_cross_attn = FusionAttention(dim, num_heads, **attn_kwargs)
         self.text_cross_attn = FusionAttention(dim, num_heads, **attn_kwargs)
         self.vision_self_attn = FusionAttention(dim, num_heads, **attn_kwargs)
         self.text_self_attn = FusionAttention(dim, num_heads, **attn_kwargs)
         self.vision_mlp = FusionMLP(dim, hidden)
         self.text_mlp = FusionMLP(dim, hidden)
+        self.scales = (
+            nn.ParameterDict({name: nn.Parameter(torch.empty(dim)) for name in self.BRANCHES}) if channel_scale else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -220,23 +241,27 @@ class PostFusionLayer(AdapterModule):
         for attn in (self.vision_cross_attn, self.text_cross_attn, self.vision_self_attn, self.text_self_attn):
             attn.reset_parameters()
         for mlp in (self.vision_mlp, self.text_mlp):
-            for fc in (mlp.fc1, mlp.fc2):
-                nn.init.xavier_uniform_(fc.weight)
-                nn.init.zeros_(fc.bias)
+            mlp.reset_parameters()
+        if self.scales is not None:
+            for scale in self.scales.values():
+                nn.init.constant_(scale, self.scale_init)
+
+    def _scale(self, name: str) -> Optional[nn.Parameter]:
+        return None if self.scales is None else self.scales[name]
 
     def forward(
         self, vision_states: torch.Tensor, text_states: torch.Tensor, text_padding_mask: Optional[torch.Tensor] = None
     ) -> tuple:
         """`vision_states` (B, Nv, D), `text_states` (B, Nt, D) -> both, same shapes."""
-        n = self.norms
+        n, s = self.norms, self._scale
         v_in, t_in = n["cross_vision"](vision_states), n["cross_text"](text_states)
-        v = vision_states + self.vision_cross_attn(v_in, t_in, text_padding_mask)
-        t = text_states + self.text_cross_attn(t_in, v_in)
+        v = vision_states + _scaled(self.vision_cross_attn(v_in, t_in, text_padding_mask), s("cross_vision"))
+        t = text_states + _scaled(self.text_cross_attn(t_in, v_in), s("cross_text"))
         v_norm, t_norm = n["self_vision"](v), n["self_text"](t)
-        v = v + self.vision_self_attn(v_norm, v_norm)
-        t = t + self.text_self_attn(t_norm, t_norm, text_padding_mask)
-        v = v + self.vision_mlp(n["mlp_vision"](v))
-        t = t + self.text_mlp(n["mlp_text"](t))
+        v = v + _scaled(self.vision_self_attn(v_norm, v_norm), s("self_vision"))
+        t = t + _scaled(self.text_self_attn(t_norm, t_norm, text_padding_mask), s("self_text"))
+        v = v + _scaled(self.vision_mlp(n["mlp_vision"](v)), s("mlp_vision"))
+        t = t + _scaled(self.text_mlp(n["mlp_text"](t)), s("mlp_text"))
         return v, t
 
 

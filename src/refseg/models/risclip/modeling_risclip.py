@@ -162,7 +162,9 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
         self.post_fusion = nn.ModuleList(
             PostFusionLayer(
                 clip_config.projection_dim, config.fusion_num_heads, mlp_ratio=config.fusion_mlp_ratio,
-                learnable_temperature=config.learnable_attention_temperature, dropout=config.adapter_dropout,
+                learnable_temperature=config.learnable_attention_temperature,
+                channel_scale=config.adapter_channel_scale, scale_init=config.adapter_scale_init,
+                dropout=config.adapter_dropout,
             )
             for _ in range(config.num_post_fusion_layers)
         )
