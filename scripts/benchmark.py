@@ -5,8 +5,10 @@
         [--config_overrides '{"refiner_hidden_sizes": [32, 32, 32], "refiner_feature_layers": [3, 1, 0]}']
 
 Builds the preset on a locally made tiny CLIP (or `--clip <folder>` for a real checkpoint) and
-reports, on this machine: a training step of each stage (forward + backward + AdamW) and its
-trainable parameter count, inference throughput, and peak resident memory (`ru_maxrss`). The
+reports, on this machine: a training step of each stage (forward + backward + AdamW) with each
+AdamW implementation of `--optimizer_implementations` (the per-tensor `for-loop`, PyTorch's CPU
+default, against `auto` = fused, what scripts/train.py uses) and its trainable parameter count,
+inference throughput, and peak resident memory (`ru_maxrss`). The
 tests assert no timing; the numbers are for the README and for comparing changes on one machine.
 `--config_overrides` sets config fields on top of the preset's, e.g. the quickstart's Refiner.
 """
@@ -27,6 +29,7 @@ from refseg.backbones import save_tiny_backbones
 from refseg.presets import PRESETS
 from refseg.training import get_method
 from refseg.training.modeling import parse_config_overrides
+from refseg.training.optim import IMPLEMENTATIONS, build_optimizer
 
 
 def parse_args(argv=None):
@@ -38,6 +41,8 @@ def parse_args(argv=None):
                    help="JSON object of config fields set on top of the preset's (as in scripts/train.py)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after 3 warm-up steps)")
+    p.add_argument("--optimizer_implementations", default="for-loop,auto",
+                   help="comma-separated AdamW implementations to time (refseg.training.optim.IMPLEMENTATIONS)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p.parse_args(argv)
@@ -56,6 +61,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    implementations = [name.strip() for name in args.optimizer_implementations.split(",") if name.strip()]
+    unknown = sorted(set(implementations) - set(IMPLEMENTATIONS))
+    if unknown or not implementations:
+        raise ValueError(f"`optimizer_implementations` must list names from {IMPLEMENTATIONS}, got {unknown or '[]'}")
     preset = PRESETS[args.preset]
     extra = parse_config_overrides(args.config_overrides)
     spec = get_method(preset.method)
@@ -79,19 +88,28 @@ def main(argv=None):
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         results[f"trainable_params[{stage}]"] = sum(p.numel() for p in trainable)
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        for implementation in implementations:
+            optimizer = build_optimizer(trainable, learning_rate=1e-4, implementation=implementation)
 
-        def step():
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            def step():
+                model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-        results[f"train_step_s[{stage}]"] = timed(step, args.steps)
+            results[f"train_step_s[{stage}, {implementation}]"] = timed(step, args.steps)
+            model.load_state_dict(state)  # every implementation times the same weights
+        results[f"train_step_s[{stage}]"] = results[f"train_step_s[{stage}, {implementations[-1]}]"]
     model.eval()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         results["inference_samples_per_s"] = args.batch_size / timed(lambda: model(**inputs), args.steps)
     first, *rest = spec.stages
+    if len(implementations) > 1:
+        for stage in spec.stages:
+            results[f"ratio train_step[{stage}, {implementations[-1]}]/[{stage}, {implementations[0]}]"] = (
+                results[f"train_step_s[{stage}, {implementations[-1]}]"]
+                / results[f"train_step_s[{stage}, {implementations[0]}]"])
     for stage in rest:
         results[f"ratio train_step[{stage}]/train_step[{first}]"] = (
             results[f"train_step_s[{stage}]"] / results[f"train_step_s[{first}]"])

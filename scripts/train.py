@@ -10,7 +10,6 @@ trains in (RISCLIP: `locator`, then `refiner`).
 
 import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
 
-import json
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,8 +33,10 @@ from refseg.training import (
 )
 from refseg.training.checkpointing import read_state, resolve_checkpoint
 from refseg.data import RandomAffineSaturation
-from refseg.training.data import load_eval_splits, load_train_split
+from refseg.training.data import load_eval_splits, load_train_split, resolve_split_by
+from refseg.training.evaluation import write_eval_results
 from refseg.training.modeling import build_model_and_processor, stage_parameters
+from refseg.training.optim import build_optimizer, resolve_gradient_accumulation
 from refseg.training.resume import load_state, write_main_state, write_rng_state
 from refseg.training.samples import ProcessorCollator, ShardedEpochBatchSampler
 from refseg.training.schedules import parse_stage_learning_rates, parse_stages
@@ -43,26 +44,20 @@ from refseg.training.schedules import parse_stage_learning_rates, parse_stages
 logger = get_logger(__name__)
 
 
-def build_optimizer(params, args):
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    if args.optimizer == "adam":
-        return torch.optim.Adam(params, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    raise ValueError(f"`optimizer` must be 'adamw' or 'adam', got {args.optimizer!r}")
+def run_evaluation(accelerator, model, processor, eval_sets, args, step, output, num_workers=0):
+    """Score every eval split by the model output `output` (the active stage's, `MethodSpec.scored_output`).
 
-
-def run_evaluation(accelerator, model, processor, eval_sets, args, step, num_workers=0):
+    Logged as `step N <split> [<output>]: ...` and tracked as `eval/<output>/<split>/<metric>`.
+    """
     results = {}
     for split, samples in eval_sets.items():
         metrics = evaluate_split(accelerator.unwrap_model(model), processor, samples,
                                  accelerator=accelerator, batch_size=args.per_device_eval_batch_size,
-                                 num_workers=num_workers, desc=f"eval {split}")
+                                 num_workers=num_workers, output=output, desc=f"eval {split} [{output}]")
         results[split] = metrics
-        logger.info("step %d %s: %s", step, split,
+        logger.info("step %d %s [%s]: %s", step, split, output,
                     ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "num_samples"))
-        accelerator.log({f"eval/{split}/{k}": v for k, v in metrics.items()}, step=step)
+        accelerator.log({f"eval/{output}/{split}/{k}": v for k, v in metrics.items()}, step=step)
     return results
 
 
@@ -81,6 +76,12 @@ def main(argv=None):
     set_seed(args.seed)  # before the model is built: the seed governs initialisation
 
     spec = get_method(model_args.method)
+    args.gradient_accumulation_steps = resolve_gradient_accumulation(
+        args.global_batch_size, args.per_device_train_batch_size, accelerator.num_processes,
+        args.gradient_accumulation_steps)
+    global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("global batch %d = %d per device x %d process(es) x %d accumulation step(s)", global_batch,
+                args.per_device_train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
     model, processor = build_model_and_processor(spec, model_args)
 
     with accelerator.main_process_first():
@@ -103,8 +104,10 @@ def main(argv=None):
     logger.info("stages %s, %d updates/epoch", dict(zip(plan.names, plan.steps)), updates_per_epoch)
 
     params = stage_parameters(model, plan.names)  # every parameter some stage trains
-    optimizer = build_optimizer(spec.param_groups(model, args.learning_rate) if spec.param_groups
-                                else params, args)
+    optimizer = build_optimizer(spec.param_groups(model, args.learning_rate) if spec.param_groups else params,
+                                optimizer=args.optimizer, learning_rate=args.learning_rate,
+                                weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+                                eps=args.adam_epsilon, implementation=args.optimizer_implementation)
     milestones = [float(m) for m in args.lr_milestones.split(",") if m.strip()]
     stage_rates = parse_stage_learning_rates(args.stage_learning_rates)
     unknown = sorted(set(stage_rates) - set(spec.stages))
@@ -142,7 +145,8 @@ def main(argv=None):
                         wait=accelerator.wait_for_everyone,
                         state={"global_step": step, "epoch": epoch, "updates_into_epoch": position,
                                "stage": plan.names[plan.stage_at(max(step - 1, 0))],
-                               "num_processes": accelerator.num_processes, "seed": args.seed})
+                               "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
+                               "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed})
         if accelerator.is_main_process:
             prune_checkpoints(output_dir, args.checkpoints_total_limit)
 
@@ -186,19 +190,21 @@ def main(argv=None):
                 checkpoint_now(global_step)
             if args.eval_steps and global_step % args.eval_steps == 0 and global_step < plan.total_steps:
                 run_evaluation(accelerator, model, processor, eval_sets, args, global_step,
-                               data_args.dataloader_num_workers)
+                               spec.scored_output(stage), data_args.dataloader_num_workers)
     progress.close()
 
+    # the final evaluation scores the output of the run's last stage (`logits` after RISCLIP's Refiner)
+    final_output = spec.scored_output(plan.names[-1])
     results = {}
     if eval_sets:
-        results = run_evaluation(accelerator, model, processor, eval_sets, args, global_step,
+        results = run_evaluation(accelerator, model, processor, eval_sets, args, global_step, final_output,
                                  data_args.dataloader_num_workers)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         raw_model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
-        with open(output_dir / "eval_results.json", "w") as f:
-            json.dump(results, f, indent=2)
+        write_eval_results(output_dir / "eval_results.json", results, dataset=data_args.dataset,
+                           split_by=resolve_split_by(data_args), scored_output=final_output, global_step=global_step)
         logger.info("saved model, processor and eval_results.json to %s", output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()

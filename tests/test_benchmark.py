@@ -54,3 +54,15 @@ def test_yaml_config_may_write_overrides_as_a_mapping(tiny_backbones, tmp_path):
                                    "--config_overrides", '{"image_size": 64}'])
     overrides = backbone_sources(get_method("risclip"), model_args)[1]
     assert overrides["image_size"] == 64 and "refiner_feature_layers" not in overrides  # the flag replaces the key
+
+
+def test_benchmark_times_each_optimizer_implementation(tiny_backbones):
+    result = benchmark.main(["--clip", str(tiny_backbones["clip"]), "--image_size", "64", "--batch_size", "2",
+                             "--steps", "1", "--optimizer_implementations", "for-loop,fused"])
+    for stage in ("locator", "refiner"):
+        assert result[f"train_step_s[{stage}, for-loop]"] > 0 and result[f"train_step_s[{stage}, fused]"] > 0
+        assert result[f"train_step_s[{stage}]"] == result[f"train_step_s[{stage}, fused]"]
+        assert result[f"ratio train_step[{stage}, fused]/[{stage}, for-loop]"] == pytest.approx(
+            result[f"train_step_s[{stage}, fused]"] / result[f"train_step_s[{stage}, for-loop]"])
+    with pytest.raises(ValueError, match="optimizer_implementations"):
+        benchmark.main(["--optimizer_implementations", "apex"])

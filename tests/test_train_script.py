@@ -72,7 +72,10 @@ def test_checkpoints_limit_and_exact_resume(tiny_backbones, refshapes_root, tmp_
     assert not any(k.startswith(("clip.", "vision_model.", "text_model.")) and "adapter" not in k
                    for k in _weights(out / "checkpoint-4"))
     uninterrupted = _final_method_weights(out)
-    results = json.loads((out / "eval_results.json").read_text())
+    record = json.loads((out / "eval_results.json").read_text())
+    assert {k: record[k] for k in ("dataset", "split_by", "scored_output", "global_step")} == {
+        "dataset": "refshapes", "split_by": "unc", "scored_output": "logits", "global_step": 6}
+    results = record["results"]
     assert set(results) == {"val"} and results["val"]["num_samples"] == 12
 
     # scripts/evaluate.py on the saved model reproduces the training run's final evaluation.
@@ -87,7 +90,7 @@ def test_checkpoints_limit_and_exact_resume(tiny_backbones, refshapes_root, tmp_
                          "--split", "val", "--max_samples", "12", "--output", str(tmp_path / "eval.json"),
                          "--by_kind"])
     assert again == results
-    assert json.loads((tmp_path / "eval.json").read_text()) == results
+    assert json.loads((tmp_path / "eval.json").read_text())["results"] == results
     # --by_kind: the same 12 sentences split by kind of expression; the kinds add up to the whole.
     by_kind = json.loads((tmp_path / "eval_by_kind.json").read_text())["val"]
     assert set(by_kind) <= set(EXPRESSION_KINDS) and len(by_kind) >= 2
@@ -120,8 +123,8 @@ def test_two_processes_match_one_process(tiny_backbones, refshapes_root, tmp_pat
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
           str(TRAIN), *_common_args(tiny_backbones, refshapes_root, two, per_device_train_batch_size=2, **common)],
          env_extra={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
-    r1 = json.loads((one / "eval_results.json").read_text())
-    r2 = json.loads((two / "eval_results.json").read_text())
+    r1 = json.loads((one / "eval_results.json").read_text())["results"]
+    r2 = json.loads((two / "eval_results.json").read_text())["results"]
     from refseg.data import explode_sentences, load_refer
 
     for split in ("val", "testA"):  # 15 val sentences: the two shards differ in size
@@ -192,3 +195,59 @@ def test_stage_learning_rates_set_each_stage_base_rate(tiny_backbones, refshapes
     with pytest.raises(ValueError, match="stage_learning_rates"):
         train.main(_common_args(tiny_backbones, refshapes_root, tmp_path / "bad", stages="locator:1",
                                 eval_splits="", stage_learning_rates="joint:5e-3"))
+
+
+def _tracked_scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {}
+    for events in Path(log_dir).rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            tags[tag] = [(e.step, e.value) for e in accumulator.Scalars(tag)]
+    return tags
+
+
+def test_locator_stage_is_evaluated_by_its_own_map(tiny_backbones, refshapes_root, tmp_path):
+    """While the Locator trains (and when a run ends in that stage), evaluation scores the upsampled
+    `coarse_logits`, not the untrained Refiner's `logits`; the log and the record say so."""
+    import train
+    from accelerate import Accelerator
+    from transformers import AutoModel, AutoProcessor
+
+    from refseg.training import evaluate_split
+    from refseg.training.samples import EvalSamples
+
+    out = tmp_path / "run"
+    results = train.main(_common_args(tiny_backbones, refshapes_root, out, stages="locator:2", eval_steps=1,
+                                      report_to="tensorboard"))
+    record = json.loads((out / "eval_results.json").read_text())
+    assert record["scored_output"] == "coarse_logits" and record["results"] == results
+    tags = _tracked_scalars(out / "logs")
+    assert [step for step, _ in tags["eval/coarse_logits/val/mIoU"]] == [1, 2]  # periodic, then final
+    assert not any(tag.startswith("eval/logits/") for tag in tags)
+
+    # the recorded figures are the saved model's Locator map, and differ from its Refiner's output
+    from refseg.data import explode_sentences, load_refer
+
+    model, processor = AutoModel.from_pretrained(out), AutoProcessor.from_pretrained(out)
+    samples = EvalSamples(explode_sentences(load_refer(refshapes_root, "refshapes", "unc", "val")).select(range(12)))
+    accelerator = Accelerator(cpu=True)
+    by_map = evaluate_split(model, processor, samples, accelerator=accelerator, output="coarse_logits")
+    by_refiner = evaluate_split(model, processor, samples, accelerator=accelerator)
+    assert by_map == pytest.approx(results["val"], abs=1e-9)
+    assert by_refiner["mIoU"] != pytest.approx(by_map["mIoU"], abs=1e-3)
+
+
+def test_global_batch_size_derives_gradient_accumulation(tiny_backbones, refshapes_root, tmp_path):
+    import train
+
+    out = tmp_path / "run"
+    train.main(_common_args(tiny_backbones, refshapes_root, out, stages="locator:2", eval_splits="",
+                            global_batch_size=8, per_device_train_batch_size=4, checkpointing_steps=2))
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_batch_size"] == 8 and state["gradient_accumulation_steps"] == 2
+    with pytest.raises(ValueError, match="global_batch_size"):
+        train.main(_common_args(tiny_backbones, refshapes_root, tmp_path / "bad", stages="locator:1",
+                                eval_splits="", global_batch_size=6, per_device_train_batch_size=4))

@@ -11,7 +11,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_SPLIT_BY = {"refshapes": "unc", "refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 
 
-def _split_by(data_args) -> str:
+def resolve_split_by(data_args) -> str:
+    """`data_args.split_by`, else the dataset's usual split (`DEFAULT_SPLIT_BY`)."""
     if data_args.split_by:
         return data_args.split_by
     if data_args.dataset not in DEFAULT_SPLIT_BY:
@@ -43,7 +44,7 @@ def load_split(data_args, split: str):
         return load_refer_parquet(files, image_root, split=split)
     if data_args.dataset == "refshapes":
         ensure_refshapes(data_args)
-    return load_refer(data_args.data_root, data_args.dataset, _split_by(data_args), split,
+    return load_refer(data_args.data_root, data_args.dataset, resolve_split_by(data_args), split,
                       image_root=data_args.image_root)
 
 

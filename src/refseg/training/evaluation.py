@@ -1,9 +1,14 @@
 """Evaluation over one split, split across processes, every sentence counted exactly once."""
 
+import json
 import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
@@ -13,13 +18,30 @@ from .samples import ProcessorCollator, shard_indices
 logger = logging.getLogger(__name__)
 
 
+def select_output(outputs, output: str = "logits"):
+    """`outputs` with `logits` replaced by the field a stage is judged by (`MethodSpec.stage_outputs`).
+
+    `"logits"` returns `outputs` as it is. Any other field (e.g. `"coarse_logits"`, (B, h, w)) is
+    upsampled bilinearly to the `logits` size (B, H, W), so the processor's post-processing (resize
+    to the original size, undoing padding, threshold on the sigmoid) applies to it unchanged.
+    """
+    if output == "logits":
+        return outputs
+    scores = getattr(outputs, output, None)
+    if scores is None:
+        raise ValueError(f"`output` {output!r} is not a field this model returns")
+    outputs.logits = F.interpolate(scores.unsqueeze(1).float(), size=outputs.logits.shape[-2:], mode="bilinear",
+                                   align_corners=False).squeeze(1)
+    return outputs
+
+
 @torch.no_grad()
 def predict_counts(model, processor, samples, *, accelerator, batch_size=8, num_workers=0,
-                   threshold=None, desc="eval"):
+                   threshold=None, output="logits", desc="eval"):
     """Per-sample integer (index, intersection, union) rows of this process's shard.
 
     `model` must be the unwrapped module: processes may run different numbers of batches, and a
-    DDP-wrapped forward would wait for the others.
+    DDP-wrapped forward would wait for the others. `output` names the field scored (`select_output`).
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     subset = Subset(samples, shard_indices(len(samples), rank, world))
@@ -35,6 +57,7 @@ def predict_counts(model, processor, samples, *, accelerator, batch_size=8, num_
         inputs = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.autocast():
             outputs = model(**inputs)
+        outputs = select_output(outputs, output)
         outputs.logits = outputs.logits.float()
         masks = processor.post_process_referring_segmentation(outputs, target_sizes=sizes.tolist(),
                                                               threshold=threshold)
@@ -56,13 +79,13 @@ def gather_rows(rows: np.ndarray, accelerator) -> np.ndarray:
 
 
 def split_counts(model, processor, samples, *, accelerator, batch_size=8, num_workers=0,
-                 threshold=None, desc="eval") -> np.ndarray:
+                 threshold=None, output="logits", desc="eval") -> np.ndarray:
     """Gathered integer (index, intersection, union) rows, one per sample of `samples`, sorted by index.
 
     Raises `RuntimeError` if the gathered rows do not cover every sample exactly once.
     """
     rows = predict_counts(model, processor, samples, accelerator=accelerator, batch_size=batch_size,
-                          num_workers=num_workers, threshold=threshold, desc=desc)
+                          num_workers=num_workers, threshold=threshold, output=output, desc=desc)
     rows = gather_rows(rows, accelerator)
     if len(rows) != len(samples) or len(np.unique(rows[:, 0])) != len(samples):
         raise RuntimeError(f"evaluation covered {len(np.unique(rows[:, 0]))} distinct of "
@@ -71,10 +94,10 @@ def split_counts(model, processor, samples, *, accelerator, batch_size=8, num_wo
 
 
 def evaluate_split(model, processor, samples, *, accelerator, batch_size=8, num_workers=0,
-                   threshold=None, desc="eval"):
+                   threshold=None, output="logits", desc="eval"):
     """Metric dict (`oIoU`, `mIoU`, `precision@X`, `num_samples`) over all of `samples` (see `split_counts`)."""
     rows = split_counts(model, processor, samples, accelerator=accelerator, batch_size=batch_size,
-                        num_workers=num_workers, threshold=threshold, desc=desc)
+                        num_workers=num_workers, threshold=threshold, output=output, desc=desc)
     return summarize_counts(rows[:, 1:])
 
 
@@ -106,3 +129,40 @@ def format_results_table(results: dict) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+EVAL_RECORD_KEYS = ("dataset", "split_by", "scored_output", "global_step", "results")
+
+
+def write_eval_results(path: Union[str, os.PathLike], results: dict, *, dataset: str,
+                       split_by: Optional[str] = None, scored_output: str = "logits",
+                       global_step: Optional[int] = None) -> Path:
+    """Write `eval_results.json`: the metrics and what they were measured on.
+
+    Layout: `{"dataset": "refcoco", "split_by": "unc", "scored_output": "logits", "global_step": 1200,
+    "results": {"<split>": {"oIoU": ..., "mIoU": ..., "precision@0.5": ..., "num_samples": ...}}}` with
+    metrics as fractions. `scored_output` names the model output that was thresholded (`"logits"`, or
+    `"coarse_logits"` when a run ends in a stage judged by its token-level map). Model cards read the
+    dataset from here (`refseg.hub.load_eval_results`), never from the file's name.
+    """
+    if not dataset:
+        raise ValueError("`dataset` is required: the record must say what the results were measured on")
+    record = {"dataset": dataset, "split_by": split_by, "scored_output": scored_output,
+              "global_step": global_step, "results": results}
+    path = Path(path)
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def read_eval_results(path: Union[str, os.PathLike]) -> dict:
+    """The record `write_eval_results` wrote, as a dict with every key of `EVAL_RECORD_KEYS`.
+
+    A bare `{split: metrics}` mapping (the layout before the record existed) is read as
+    `{"results": mapping}` with the other keys `None`.
+    """
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if "results" not in data:
+        data = {"results": data}
+    return {key: data.get(key) for key in EVAL_RECORD_KEYS}

@@ -5,7 +5,7 @@ per-method branches. Hyperparameters (learning rate, epochs, batch size) live in
 under `scripts/configs/`, not here: this file only says how a method is built and trained.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 
@@ -24,6 +24,10 @@ class MethodSpec:
             rates (CRIS trains its backbone at 0.1x); `None` puts every trainable parameter in
             one group.
         sampler: `"random"` (one sentence of one ref per sample) or `"grouped_by_image"`.
+        stage_outputs: `{stage: output}`, the `ReferringSegmentationOutput` field a stage is judged
+            by; stages not listed are judged by `"logits"`. A stage that trains only a coarse map
+            (RISCLIP's Locator) names `"coarse_logits"`: evaluating during it then scores that map,
+            upsampled to the `logits` size, not the output of heads that have not trained yet.
     """
 
     name: str
@@ -34,6 +38,18 @@ class MethodSpec:
     default_stage_epochs: Optional[Callable[[int], dict]] = None
     param_groups: Optional[Callable] = None
     sampler: str = "random"
+    stage_outputs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.stage_outputs) - set(self.stages))
+        if unknown:
+            raise ValueError(f"`stage_outputs` names unknown stage(s) {unknown}; stages are {list(self.stages)}")
+
+    def scored_output(self, stage: str) -> str:
+        """The output field evaluation scores while `stage` trains (or after a run that ended in it)."""
+        if stage not in self.stages:
+            raise ValueError(f"`stage` must be one of {list(self.stages)}, got {stage!r}")
+        return self.stage_outputs.get(stage, "logits")
 
     def load_classes(self):
         """Return `(model_class, processor_class)`, importing them."""
@@ -67,6 +83,8 @@ METHODS = {
         backbones=("clip",),
         stages=("locator", "refiner"),
         default_stage_epochs=_risclip_stage_epochs,
+        # the Refiner is untrained (and frozen) while the Locator trains: judge stage 1 by its own map
+        stage_outputs={"locator": "coarse_logits"},
     ),
 }
 
