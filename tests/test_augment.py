@@ -105,3 +105,75 @@ def test_bad_arguments():
         RandomAffineSaturation(scale=(1.2, 0.8))
     with pytest.raises(ValueError, match="interpolation"):
         RandomAffineSaturation(interpolation="lanczos")
+
+
+def _expected_nearest(source, inverse, width, height):
+    """Output of a nearest-neighbour warp, worked out pixel by pixel: output pixel (i, j) (column,
+    row) has its centre at (i + 0.5, j + 0.5) and takes the source pixel containing `inverse` of it."""
+    out = np.zeros((height, width), source.dtype)
+    for j in range(height):
+        for i in range(width):
+            x, y = inverse(i + 0.5, j + 0.5)
+            col, row = int(np.floor(x)), int(np.floor(y))
+            if 0 <= col < width and 0 <= row < height:
+                out[j, i] = source[row, col]
+    return out
+
+
+def test_zoom_above_one_enlarges_about_the_centre():
+    # 40 x 32 image, centre (20, 16). A 2 x 2 square at columns 24-25, rows 18-19, i.e. the area
+    # [24, 26) x [18, 20): zoom 2 about the centre sends x -> 20 + 2 (x - 20), y -> 16 + 2 (y - 16),
+    # so it becomes the 4 x 4 square [28, 32) x [20, 24).
+    image, mask = square_scene(box=(24, 18, 26, 20))
+    aug = RandomAffineSaturation(interpolation="nearest")
+    out_image, out_mask = aug.apply(image, mask, AffineParams(scale=2.0))
+    expected = np.zeros((32, 40), np.uint8)
+    expected[20:24, 28:32] = 255
+    np.testing.assert_array_equal(np.asarray(out_mask), expected)
+    np.testing.assert_array_equal((np.asarray(out_image) == RED).all(axis=-1), expected > 0)
+    # zoom 0.5 shrinks towards the centre: [16, 24) x [12, 20) -> [18, 22) x [14, 18)
+    _, small = aug.apply(*square_scene(box=(16, 12, 24, 20)), AffineParams(scale=0.5))
+    expected = np.zeros((32, 40), np.uint8)
+    expected[14:18, 18:22] = 255
+    np.testing.assert_array_equal(np.asarray(small), expected)
+
+
+def test_shear_is_along_x_proportional_to_the_offset_from_the_centre_row():
+    # documented forward map (image coordinates, y down, centre c): x' = x + tan(shear) (y - c_y),
+    # y' = y. tan = 0.5: rows below the centre move right, rows above move left, no row moves.
+    shear = float(np.degrees(np.arctan(0.5)))
+    _, mask = square_scene(width=40, height=32, box=(18, 4, 22, 28))  # a vertical bar through the centre row
+    source = np.asarray(mask)
+    aug = RandomAffineSaturation(interpolation="nearest")
+    _, out = aug.apply(mask.convert("RGB"), mask, AffineParams(shear=shear))
+    expected = _expected_nearest(source, lambda x, y: (x - 0.5 * (y - 16), y), 40, 32)
+    np.testing.assert_array_equal(np.asarray(out), expected)
+    rows = np.asarray(out) > 0
+    assert rows.any(axis=1).tolist() == (source > 0).any(axis=1).tolist()  # same rows: nothing moved vertically
+    # row 5 (centre y = 5.5, 10.5 above c_y) shifts by -5.25: [18, 22) -> [12.75, 16.75), pixel
+    # centres 13.5 ... 16.5; row 27 (11.5 below) by +5.75: [23.75, 27.75), centres 24.5 ... 27.5
+    assert np.flatnonzero(rows[5]).tolist() == [13, 14, 15, 16]
+    assert np.flatnonzero(rows[27]).tolist() == [24, 25, 26, 27]
+
+
+def test_rotation_is_applied_after_the_shear_and_the_zoom():
+    # x' = c + t + R(angle) Shear(shear) zoom (x - c), with R(90) turning (dx, dy) into (dy, -dx)
+    # on the image grid (counter-clockwise on screen); inverted here by hand.
+    # (quarter-pixel translation: no output pixel centre maps exactly onto a source pixel edge)
+    shear, zoom, (tx, ty) = float(np.degrees(np.arctan(0.5))), 1.5, (2.25, -3.25)
+    _, mask = square_scene(width=40, height=40, box=(22, 12, 30, 20))
+    source = np.asarray(mask)
+
+    def inverse(x, y):
+        u, v = x - 20 - tx, y - 20 - ty  # = R Shear zoom (dx, dy) = (v0, -u0) with (u0, v0) = Shear zoom (dx, dy)
+        u0, v0 = -v, u
+        dy = v0 / zoom
+        dx = (u0 - 0.5 * v0) / zoom
+        return dx + 20, dy + 20
+
+    _, out = RandomAffineSaturation(interpolation="nearest").apply(
+        mask.convert("RGB"), mask, AffineParams(angle=90.0, shear=shear, scale=zoom, translate=(tx, ty))
+    )
+    expected = _expected_nearest(source, inverse, 40, 40)
+    assert expected.any()
+    np.testing.assert_array_equal(np.asarray(out), expected)

@@ -59,6 +59,36 @@ def test_sigmoid_focal_loss_by_hand(alpha, gamma):
     assert got_none.tolist() == pytest.approx([sum(row) / 4 for row in values], rel=1e-12)
 
 
+def _soft_focal_by_hand(x, t, alpha, gamma):
+    """The documented soft-target generalisation, element by element: p_t = p t + (1 - p)(1 - t),
+    alpha_t = alpha t + (1 - alpha)(1 - t), and -log p_t replaced by the soft cross-entropy
+    -(t log p + (1 - t) log(1 - p))."""
+    p = _sigmoid(x)
+    ce = -(t * math.log(p) + (1 - t) * math.log(1 - p))
+    p_t = p * t + (1 - p) * (1 - t)
+    a_t = 1.0 if alpha is None else alpha * t + (1 - alpha) * (1 - t)
+    return a_t * (1 - p_t) ** gamma * ce
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.65, 2.0), (None, 2.0), (0.25, 1.0)])
+def test_sigmoid_focal_loss_on_soft_targets_by_hand(alpha, gamma):
+    # soft targets as RISCLIP's token-level target gives them (covered fractions), on both sides of 0.5
+    logits = torch.tensor([[[0.0, LN3], [-LN3, 2.0]], [[-1.0, 0.5], [LN3, -2.0]]], dtype=torch.float64)
+    targets = torch.tensor([[[0.3, 0.3], [0.75, 0.5]], [[0.25, 0.6], [0.1, 0.9]]], dtype=torch.float64)
+    values = [
+        [_soft_focal_by_hand(x, t, alpha, gamma) for x, t in zip(lx.flatten().tolist(), lt.flatten().tolist())]
+        for lx, lt in zip(logits, targets)
+    ]
+    # one element worked out in full: p = 0.5, t = 0.3 -> p_t = 0.5, ce = ln 2, alpha_t = 0.3 alpha + 0.7 (1 - alpha)
+    a_t = 1.0 if alpha is None else 0.3 * alpha + 0.7 * (1 - alpha)
+    assert values[0][0] == pytest.approx(a_t * 0.5**gamma * math.log(2.0), rel=1e-12)
+    got = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
+    assert got.tolist() == pytest.approx([sum(row) / 4 for row in values], rel=1e-12)
+    flat = [v for row in values for v in row]
+    got_mean = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma)
+    assert got_mean.item() == pytest.approx(sum(flat) / len(flat), rel=1e-12)
+
+
 def test_focal_gamma_zero_no_alpha_is_bce():
     torch.testing.assert_close(
         sigmoid_focal_loss(LOGITS, TARGETS, alpha=None, gamma=0.0), bce_loss(LOGITS, TARGETS)

@@ -73,9 +73,24 @@ def test_forward_shapes_and_loss():
 def test_locator_starts_from_the_configured_scale_and_bias():
     model = small_model(locator_logit_scale_init=5.0, locator_logit_bias_init=-1.0)
     assert model.locator.logit_scale.exp().item() == pytest.approx(5.0)
-    out = model(**model_inputs())
-    # logits = 5 * cos - 1, so they lie in [-6, 4]
-    assert out.coarse_logits.min() >= -6.0 - 1e-5 and out.coarse_logits.max() <= 4.0 + 1e-5
+    assert model.locator.logit_bias.item() == pytest.approx(-1.0)
+    # known inputs: [EOS] along (3, 4, 0); the four patches have cosines 0.6, 0.8, 0 and -1 with it
+    eos = torch.tensor([[3.0, 4.0, 0.0]])
+    patches = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 5.0], [-3.0, -4.0, 0.0]]])
+    with torch.no_grad():
+        logits = model.locator(patches, eos, (2, 2))
+    # 5 * cos - 1 worked out by hand
+    torch.testing.assert_close(logits, torch.tensor([[[2.0, 3.0], [-1.0, -6.0]]]))
+
+    # inside the model: coarse_logits = 5 * cos(fused patch token, fused [EOS]) - 1, with the
+    # cosine of the tokens the model returns computed here
+    with torch.no_grad():
+        out = model(**model_inputs())
+    image, text = out.image_embeds.double(), out.text_embeds.double()  # (2, 64, D), (2, D)
+    cosine = (image * text[:, None]).sum(-1) / (image.norm(dim=-1) * text.norm(dim=-1)[:, None])
+    expected = (5.0 * cosine - 1.0).reshape(2, 8, 8)
+    torch.testing.assert_close(out.coarse_logits.double(), expected, atol=1e-5, rtol=0)
+    assert expected.max() - expected.min() > 0.1  # the cosines differ, so scale and bias both matter
 
 
 def test_logits_are_foreground_minus_background_scores():
@@ -327,7 +342,8 @@ def test_save_pretrained_round_trips_through_the_auto_classes(tiny_backbones, tm
 
 
 def test_lora_option_goes_through_peft(tiny_backbones):
-    pytest.importorskip("peft", reason="the LoRA option needs peft")
+    import peft  # noqa: F401  (a hard dependency: a broken install fails here rather than skipping)
+
     model = RisclipModel.from_backbones(clip=tiny_backbones["clip"], use_lora=True, lora_r=2, **TINY)
     lora = {n for n in _trainable(model) if ".lora_" in n}
     # q_proj and v_proj of 4 + 4 layers, A and B each
@@ -337,14 +353,42 @@ def test_lora_option_goes_through_peft(tiny_backbones):
     assert not any(".lora_" in n for n in _trainable(model))
 
 
-def test_gradient_checkpointing_still_trains_the_adapters():
+def _train_step_counting_adapter_calls(checkpointing):
+    """One locator-stage backward; returns (adapter calls in forward, adapter calls in backward, grads).
+
+    The counter is a pre-hook on each adapted layer's attention adapter, a submodule called inside
+    the layer's `forward`: a checkpointed layer runs it again when backward recomputes the layer."""
     model = small_model()
     model.train()
-    model.activation_checkpointing_enable()
-    model(**model_inputs(), labels=(torch.rand(2, 64, 64) > 0.7).float()).loss.backward()
-    downs = [p.grad for n, p in model.named_parameters() if n.endswith("adapter_attn.default.down.weight")]
-    ups = [p.grad for n, p in model.named_parameters() if n.endswith("adapter_attn.default.up.weight")]
-    assert downs and all(g is not None for g in downs) and all(g.abs().sum() > 0 for g in ups)
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    layers = [layer for tower in (model.clip.vision_model, model.clip.text_model) for layer in tower.encoder.layers]
+    calls = []
+    for index, layer in enumerate(layers):
+        layer.adapter_attn["default"].register_forward_pre_hook(lambda *_, index=index: calls.append(index))
+    labels = (torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(3)) > 0.7).float()
+    loss = model(**model_inputs(), labels=labels).loss
+    in_forward = sorted(calls)
+    del calls[:]
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return in_forward, sorted(calls), grads, len(layers)
+
+
+def test_gradient_checkpointing_still_trains_the_adapters():
+    forward, backward, grads, num_layers = _train_step_counting_adapter_calls(checkpointing=True)
+    plain_forward, plain_backward, plain_grads, _ = _train_step_counting_adapter_calls(checkpointing=False)
+    # every adapted layer of both towers runs once forward and, checkpointed, once more in backward
+    assert forward == plain_forward == list(range(num_layers))
+    assert plain_backward == []
+    assert backward == list(range(num_layers))
+    downs = [g for n, g in grads.items() if n.endswith("adapter_attn.default.down.weight")]
+    ups = [g for n, g in grads.items() if n.endswith("adapter_attn.default.up.weight")]
+    assert len(downs) == len(ups) == num_layers and all(g.abs().sum() > 0 for g in ups)
+    # recomputing changes nothing: the same gradients as without checkpointing
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.slow
