@@ -74,6 +74,75 @@ def test_iou_exactly_on_each_threshold(inter, union, threshold):
     assert summarize_counts([[inter + 1, union + 1]])[f"precision@{threshold}"] == 1.0
 
 
+@pytest.mark.parametrize("inter,union,threshold", [(3, 5, 0.6), (7, 10, 0.7), (4, 5, 0.8), (1, 2, 0.5)])
+def test_inclusive_comparison_counts_an_iou_exactly_on_the_threshold(inter, union, threshold, metric):
+    # LAVT's `iou >= X`: the tie counts, and only the tie differs from the default `>`
+    inclusive = summarize_counts([[inter, union]], precision_comparison=">=")
+    strict = summarize_counts([[inter, union]], precision_comparison=">")
+    for x in (0.5, 0.6, 0.7, 0.8, 0.9):
+        assert inclusive[f"precision@{x}"] == (1.0 if x <= threshold else 0.0)
+        assert strict[f"precision@{x}"] == (1.0 if x < threshold else 0.0)
+    assert {k: v for k, v in inclusive.items() if not k.startswith("precision")} == {
+        k: v for k, v in strict.items() if not k.startswith("precision")}
+    pred, ref = _pair(inter, union)
+    assert metric.compute(predictions=[pred], references=[ref], precision_comparison=">=")[
+        f"precision@{threshold}"] == 1.0
+    assert metric.compute(predictions=[pred], references=[ref])[f"precision@{threshold}"] == 0.0
+
+
+def test_inclusive_comparison_set_in_the_constructor_and_in_evaluate_load(tmp_path):
+    pred, ref = _pair(1, 2, shape=(2, 2))  # IoU exactly 0.5
+    metric = ReferringIoU(cache_dir=str(tmp_path), precision_comparison=">=")
+    assert metric.compute(predictions=[pred], references=[ref])["precision@0.5"] == 1.0
+    assert metric.compute(predictions=[pred], references=[ref], precision_comparison=">")["precision@0.5"] == 0.0
+    loaded = evaluate.load(str(REFERRING_IOU_PATH), cache_dir=str(tmp_path), precision_comparison=">=")
+    assert loaded.compute(predictions=[pred], references=[ref])["precision@0.5"] == 1.0
+
+
+def test_empty_prediction_and_target_convention():
+    # samples: empty/empty, and IoU 1/2 exactly; the empty one adds nothing to oIoU either way
+    counts = [[0, 0], [1, 2]]
+    ours = summarize_counts(counts)
+    assert ours["mIoU"] == 0.75 and ours["precision@0.5"] == 0.5 and ours["precision@0.9"] == 0.5
+    cris = summarize_counts(counts, empty_iou=0)  # CRIS's and LAVT's code: the empty sample scores 0
+    assert cris["mIoU"] == 0.25 and cris["precision@0.5"] == 0.0 and cris["precision@0.9"] == 0.0
+    assert ours["oIoU"] == cris["oIoU"] == 0.5
+    lavt = summarize_counts(counts, empty_iou=0, precision_comparison=">=")  # LAVT's protocol, whole
+    assert lavt["mIoU"] == 0.25 and lavt["precision@0.5"] == 0.5 and lavt["precision@0.6"] == 0.0
+    # only empty samples: oIoU has no pixels to count and takes the empty-sample IoU too
+    assert summarize_counts([[0, 0]], empty_iou=0) == {**{k: 0.0 for k in KEYS[:-1]}, "num_samples": 1}
+    assert summarize_counts([[0, 0]], empty_iou=1.0) == {**{k: 1.0 for k in KEYS[:-1]}, "num_samples": 1}
+
+
+def test_empty_convention_through_the_metric(tmp_path):
+    empty = np.zeros((3, 3), dtype=bool)
+    pred, ref = _pair(9, 10, shape=(3, 5))
+    metric = ReferringIoU(cache_dir=str(tmp_path), empty_iou=0)
+    assert metric.compute(predictions=[empty, pred], references=[empty, ref])["mIoU"] == pytest.approx(0.45)
+    result = metric.compute(predictions=[empty, pred], references=[empty, ref], empty_iou=1)
+    assert result["mIoU"] == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize("bad", [">>", "ge", 1])
+def test_bad_precision_comparison_names_the_argument(bad, metric, tmp_path):
+    with pytest.raises(ValueError, match=r"`precision_comparison` must be '>' .* or '>='"):
+        summarize_counts([[1, 2]], precision_comparison=bad)
+    with pytest.raises(ValueError, match="`precision_comparison`"):
+        ReferringIoU(cache_dir=str(tmp_path), precision_comparison=bad)
+    with pytest.raises(ValueError, match="`precision_comparison`"):
+        metric.compute(predictions=[np.ones((2, 2))], references=[np.ones((2, 2))], precision_comparison=bad)
+    with pytest.raises(ValueError, match="`precision_comparison`"):
+        summarize_counts([[1, 2]], precision_comparison=None)  # None means "the constructor's" in compute only
+
+
+@pytest.mark.parametrize("bad", [0.5, -1, 2, True, "1", None])
+def test_bad_empty_iou_names_the_argument(bad, tmp_path):
+    with pytest.raises(ValueError, match="`empty_iou`.* must be 1 .* or 0"):
+        summarize_counts([[1, 2]], empty_iou=bad)
+    with pytest.raises(ValueError, match="`empty_iou`"):
+        ReferringIoU(cache_dir=str(tmp_path), empty_iou=bad)
+
+
 def test_intersection_union_counts():
     a_pred, a_ref = _pair(3, 7)
     counts = intersection_union(

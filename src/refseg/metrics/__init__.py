@@ -3,14 +3,30 @@
 `ReferringIoU` is an `evaluate.Metric` (also loadable without refseg through
 `evaluate.load(refseg.metrics.REFERRING_IOU_PATH)`); `intersection_union` and `summarize_counts`
 are the same computations as plain functions, for loops that gather integer counts across
-processes (the training script).
+processes (the training script). Both take the two conventions on which public evaluation code
+differs: `precision_comparison` (`">"`, refseg's default, or `">="`, as LAVT's code) and `empty_iou`
+(1, refseg's default, or 0, as CRIS's and LAVT's code); see the module docstring of
+`referring_iou.py` and docs/metrics.md.
 """
 
 from pathlib import Path
 
-from .referring_iou.referring_iou import DEFAULT_THRESHOLDS, ReferringIoU, intersection_union, summarize_counts
+from .referring_iou.referring_iou import (
+    DEFAULT_THRESHOLDS,
+    PRECISION_COMPARISONS,
+    ReferringIoU,
+    intersection_union,
+    summarize_counts,
+)
 
 # Folder of the self-contained evaluate module: `evaluate.load(str(REFERRING_IOU_PATH))`.
 REFERRING_IOU_PATH = Path(__file__).parent / "referring_iou"
 
-__all__ = ["DEFAULT_THRESHOLDS", "REFERRING_IOU_PATH", "ReferringIoU", "intersection_union", "summarize_counts"]
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "PRECISION_COMPARISONS",
+    "REFERRING_IOU_PATH",
+    "ReferringIoU",
+    "intersection_union",
+    "summarize_counts",
+]

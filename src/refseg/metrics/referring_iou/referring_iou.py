@@ -6,12 +6,24 @@ works without `refseg` installed; `refseg.metrics` re-exports its names.
 Definitions, per sample i with intersection I_i and union U_i counted at the sample's own
 (original image) size:
 
-- oIoU (overall IoU) = sum_i I_i / sum_i U_i (CRIS, RISAM, Prompt-RIS "IoU"); 1.0 if every union is 0.
-- mIoU (mean IoU) = mean_i I_i / U_i, where a sample with an empty prediction *and* an empty
-  reference (U_i = 0) counts as IoU 1.
-- precision@X = share of samples whose IoU is strictly above X (DESIGN "above X", as CRIS's
-  `iou > thr`; LAVT's code uses `>=`, which differs only for IoUs exactly on a threshold). The
-  comparison is exact: `I * den > num * U` with X = num/den as a decimal fraction.
+- oIoU (overall IoU) = sum_i I_i / sum_i U_i (the "oIoU" of RISCLIP and Prompt-RIS; RISAM's paper
+  describes its "IoU" this way). If every union is 0 it is the empty-sample IoU below.
+- mIoU (mean IoU) = mean_i I_i / U_i. CRIS's "IoU" is this mean: its public code averages
+  per-sample IoUs (`engine.py`), as its author confirmed (CRIS.pytorch issue #12).
+- precision@X = share of samples whose IoU is above X.
+
+Two conventions differ between public codebases; both are options (`summarize_counts`,
+`ReferringIoU`), with refseg's choice as the default:
+
+- `empty_iou` (default 1): the IoU of a sample whose prediction and reference are both empty
+  (U_i = 0). refseg counts it 1: the model predicted exactly the (empty) target, and IoU(A, A) = 1
+  for every other A. CRIS's code (`I / (U + 1e-6)`) and LAVT's code (`0.0 if U == 0`) count it 0;
+  pass `empty_iou=0` to match them. RefCOCO-family targets are never empty (refseg's readers
+  reject empty masks), so the choice only matters for other data.
+- `precision_comparison` (default `">"`): IoU strictly above X (CRIS's `iou > thr`, and the
+  CRIS and RISAM papers' "higher than"), or `">="`, IoU at least X (LAVT's `this_iou >= eval_seg_iou`). The two
+  differ only for an IoU exactly on a threshold, e.g. I = 1, U = 2 at X = 0.5. The comparison is
+  exact in integers: `I * den > num * U` (or `>=`) with X = num / den as a decimal fraction.
 
 Predictions and references are boolean masks (h, w); non-boolean arrays count non-zero as
 foreground (threshold probabilities before passing them). Inside the metric each mask is stored
@@ -19,6 +31,7 @@ bit-packed (`np.packbits`), so variable mask sizes cost one bit per pixel in eva
 distributed evaluation works as for any `evaluate` metric.
 """
 
+import numbers
 from fractions import Fraction
 
 import datasets
@@ -26,12 +39,15 @@ import evaluate
 import numpy as np
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+# `precision_comparison` values: ">" (IoU strictly above X; CRIS's code) and ">=" (at least X; LAVT's code).
+PRECISION_COMPARISONS = (">", ">=")
 
 _DESCRIPTION = """\
 Referring image segmentation metrics: overall IoU (sum of intersections over sum of unions),
-mean IoU (a sample whose prediction and reference are both empty counts 1) and precision@X (share
-of samples with IoU strictly above X) for X in 0.5, 0.6, 0.7, 0.8, 0.9. Masks are compared at each
-sample's own size, which may differ between samples.
+mean IoU (mean of per-sample IoUs; a sample whose prediction and reference are both empty counts 1
+by default) and precision@X (share of samples with IoU strictly above X by default) for X in 0.5,
+0.6, 0.7, 0.8, 0.9. Masks are compared at each sample's own size, which may differ between samples.
+`empty_iou=0` matches CRIS's evaluation code; adding `precision_comparison=">="` matches LAVT's.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -39,6 +55,10 @@ Args:
     predictions (`list` of 2-D boolean arrays): predicted masks (h_i, w_i), numpy or torch.
     references (`list` of 2-D boolean arrays): ground-truth masks of the same sizes.
     thresholds (`tuple` of `float`, *optional*): precision thresholds, default (0.5, ..., 0.9).
+    precision_comparison (`str`, *optional*): `">"` (IoU strictly above X) or `">="` (IoU at least X);
+        default: the value given to the constructor (`">"` unless set there).
+    empty_iou (`int`, *optional*): IoU of a sample whose prediction and reference are both empty,
+        1 or 0; default: the value given to the constructor (1 unless set there).
 Returns:
     `oIoU`, `mIoU`, `precision@X` for each threshold (fractions in [0, 1]) and `num_samples`.
 Example:
@@ -95,11 +115,35 @@ def intersection_union(predictions, references) -> np.ndarray:
     return np.asarray(counts, dtype=np.int64).reshape(-1, 2)
 
 
-def summarize_counts(counts, thresholds=DEFAULT_THRESHOLDS) -> dict:
+def _check_conventions(precision_comparison=">", empty_iou=1) -> None:
+    """Raise a `ValueError` naming the argument if a convention is not one of the supported values."""
+    if not isinstance(precision_comparison, str) or precision_comparison not in PRECISION_COMPARISONS:
+        raise ValueError(
+            "`precision_comparison` must be '>' (IoU strictly above X, as CRIS's code) or '>=' "
+            f"(IoU at least X, as LAVT's code), got {precision_comparison!r}"
+        )
+    if isinstance(empty_iou, bool) or not isinstance(empty_iou, numbers.Real) or empty_iou not in (0, 1):
+        raise ValueError(
+            "`empty_iou` (IoU of a sample whose prediction and reference are both empty) must be 1 "
+            f"(refseg's default) or 0 (CRIS's and LAVT's code), got {empty_iou!r}"
+        )
+
+
+def summarize_counts(counts, thresholds=DEFAULT_THRESHOLDS, *, precision_comparison=">", empty_iou=1) -> dict:
     """oIoU, mIoU, precision@X and num_samples from `(N, 2)` (intersection, union) counts.
 
     The training script gathers these integer counts across processes and calls this once.
+
+    Args:
+        counts: `(N, 2)` integer (intersection, union) per sample, N >= 1.
+        thresholds: the X of precision@X, each in [0, 1).
+        precision_comparison: `">"` (default): a sample counts for precision@X when its IoU is
+            strictly above X; `">="`: when it is at least X (LAVT's code).
+        empty_iou: IoU of a sample with union 0 (empty prediction and empty reference): 1
+            (default) or 0 (CRIS's and LAVT's code). It enters mIoU and precision@X, and is the
+            oIoU when every union is 0.
     """
+    _check_conventions(precision_comparison, empty_iou)
     counts = np.asarray(counts, dtype=np.int64)
     if counts.ndim != 2 or counts.shape[1] != 2 or counts.shape[0] == 0:
         raise ValueError(
@@ -110,24 +154,42 @@ def summarize_counts(counts, thresholds=DEFAULT_THRESHOLDS) -> dict:
     inter, union = counts[:, 0], counts[:, 1]
     if (inter < 0).any() or (inter > union).any():
         raise ValueError("`counts` must satisfy 0 <= intersection <= union for every sample")
+    empty_iou = float(empty_iou)
+    inclusive = precision_comparison == ">="
     empty = union == 0
-    iou = np.where(empty, 1.0, inter / np.maximum(union, 1))
+    iou = np.where(empty, empty_iou, inter / np.maximum(union, 1))
     total_union = int(union.sum())
     results = {
-        "oIoU": float(inter.sum() / total_union) if total_union else 1.0,
+        "oIoU": float(inter.sum() / total_union) if total_union else empty_iou,
         "mIoU": float(iou.mean()),
     }
     for threshold in thresholds:
         fraction = Fraction(str(threshold))
-        above = np.where(empty, 1.0 > threshold, inter * fraction.denominator > fraction.numerator * union)
-        results[f"precision@{threshold:g}"] = float(above.mean())
+        scaled_inter, scaled_threshold = inter * fraction.denominator, fraction.numerator * union
+        if inclusive:
+            passed = np.where(empty, empty_iou >= threshold, scaled_inter >= scaled_threshold)
+        else:
+            passed = np.where(empty, empty_iou > threshold, scaled_inter > scaled_threshold)
+        results[f"precision@{threshold:g}"] = float(passed.mean())
     results["num_samples"] = int(counts.shape[0])
     return results
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ReferringIoU(evaluate.Metric):
-    """oIoU / mIoU / precision@X for referring segmentation masks of varying sizes."""
+    """oIoU / mIoU / precision@X for referring segmentation masks of varying sizes.
+
+    `precision_comparison` (`">"` or `">="`) and `empty_iou` (1 or 0) set the two conventions of
+    `summarize_counts` for every `compute` call (each call may override them); the other keyword
+    arguments are `evaluate.Metric`'s (`cache_dir`, `num_process`, `process_id`, ...). Also through
+    `evaluate.load(<module path>, precision_comparison=">=")`.
+    """
+
+    def __init__(self, config_name=None, *, precision_comparison=">", empty_iou=1, **kwargs):
+        _check_conventions(precision_comparison, empty_iou)
+        self.precision_comparison = precision_comparison
+        self.empty_iou = empty_iou
+        super().__init__(config_name, **kwargs)
 
     def _info(self):
         return evaluate.MetricInfo(
@@ -154,11 +216,17 @@ class ReferringIoU(evaluate.Metric):
         """Add one (prediction, reference) pair of 2-D masks."""
         return self.add_batch(predictions=[prediction], references=[reference], **kwargs)
 
-    def _compute(self, predictions, references, thresholds=DEFAULT_THRESHOLDS):
+    def _compute(self, predictions, references, thresholds=DEFAULT_THRESHOLDS, precision_comparison=None,
+                 empty_iou=None):
         counts = np.empty((len(predictions), 2), dtype=np.int64)
         for index, (pred, ref) in enumerate(zip(predictions, references)):
             pred = np.frombuffer(pred, dtype=np.uint8)
             ref = np.frombuffer(ref, dtype=np.uint8)
             # packbits pads with zeros, which add to neither the intersection nor the union
             counts[index] = (_POPCOUNT[pred & ref].sum(), _POPCOUNT[pred | ref].sum())
-        return summarize_counts(counts, thresholds)
+        return summarize_counts(
+            counts,
+            thresholds,
+            precision_comparison=self.precision_comparison if precision_comparison is None else precision_comparison,
+            empty_iou=self.empty_iou if empty_iou is None else empty_iou,
+        )

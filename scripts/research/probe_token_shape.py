@@ -1,21 +1,21 @@
 #!/usr/bin/env python
-"""Can an image backbone learn, per token, the shape of the object under it? (README: "Why the
-quickstart stops below 0.6".)
+"""Can an image backbone learn, per token, the shape of the object under it? (docs/refshapes-notes.md,
+"Why the quickstart stops below 0.6".) A research probe, not a user script.
 
-    python scripts/probe_token_shape.py --arch clip [--clip refseg-quickstart/backbones/clip-pretrained]
-    python scripts/probe_token_shape.py --arch cnn
+    python scripts/research/probe_token_shape.py --arch clip [--clip refseg-quickstart/backbones/clip-pretrained]
+    python scripts/research/probe_token_shape.py --arch cnn
 
 Every step draws `--batch_size` new RefShapes scenes (training colour–shape pairs only, so no
 scene is seen twice) at the CLIP's input size. Each grid cell at least half covered by an object
 is labelled with that object's shape (6 classes, chance about 1/6). `--arch clip` trains the CLIP
 image tower, every weight, with a linear head on its patch tokens; `--arch cnn` trains a small
 convolutional net whose output has the same grid (stride = the CLIP's patch size). Reported: the
-share of object tokens of `--val_scenes` fixed held-out scenes whose shape is predicted right.
+share of object tokens of `--val_scenes` fixed held-out scenes whose shape is predicted right
+(`token_shape_accuracy`; background cells are never scored, and `val_scored_tokens` reports how
+many tokens were).
 The RISCLIP Locator reads shape from a *frozen* CLIP's patch tokens; this measures how quickly a
 backbone can learn to put it there at all.
 """
-
-import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
 
 import argparse
 import json
@@ -77,6 +77,33 @@ def draw_scene(rng: np.random.Generator, image_size: int, grid: int):
     return pixels, labels
 
 
+def held_out_scenes(seed: int, num_scenes: int, image_size: int, grid: int):
+    """The fixed held-out scenes of a run: `(pixels, labels)` with pixels `(num_scenes, 3, image_size,
+    image_size)` in [0, 1] and labels `(num_scenes * grid * grid,)` (see `draw_scene`). They come from
+    the random stream `[seed, 1]`; training scenes come from the independent stream `[seed, 2]`."""
+    rng = np.random.default_rng([seed, 1])
+    scenes = [draw_scene(rng, image_size, grid) for _ in range(num_scenes)]
+    return torch.stack([s[0] for s in scenes]), torch.stack([s[1] for s in scenes]).flatten()
+
+
+def token_shape_accuracy(model: nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Share of the object tokens (`labels >= 0`) whose shape `model` predicts right.
+
+    `pixel_values` (B, 3, H, W) normalised, `labels` (B * grid * grid,). Background tokens (-1) are
+    never scored. Returns `{"accuracy": float, "scored_tokens": int}`; the model is left in train mode.
+    """
+    model.eval()
+    with torch.no_grad():
+        pred = model(pixel_values).flatten(0, 1).argmax(-1)
+    model.train()
+    if pred.shape != labels.shape:
+        raise ValueError(
+            f"token_shape_accuracy: the model gives {tuple(pred.shape)} tokens, `labels` has {tuple(labels.shape)}"
+        )
+    keep = labels >= 0
+    return {"accuracy": (pred[keep] == labels[keep]).float().mean().item(), "scored_tokens": int(keep.sum())}
+
+
 class ConvProbe(nn.Module):
     """Five 3x3 conv + BatchNorm + ReLU blocks (widths 32, 64, 64, 64, 64), the first log2(`stride`)
     of stride 2, then a 1x1 classifier: one output per `stride` x `stride` cell, like a ViT's tokens."""
@@ -127,18 +154,9 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * (1 - s / args.steps))
-    val_rng, train_rng = (np.random.default_rng([args.seed, k]) for k in (1, 2))  # disjoint streams
-    val = [draw_scene(val_rng, image_size, grid) for _ in range(args.val_scenes)]
-    val_pixels = (torch.stack([s[0] for s in val]) - mean) / std
-    val_labels = torch.stack([s[1] for s in val]).flatten()
-    val_keep = val_labels >= 0
-
-    def val_accuracy():
-        model.eval()
-        with torch.no_grad():
-            pred = model(val_pixels).flatten(0, 1).argmax(-1)
-        model.train()
-        return (pred[val_keep] == val_labels[val_keep]).float().mean().item()
+    val_pixels, val_labels = held_out_scenes(args.seed, args.val_scenes, image_size, grid)
+    val_pixels = (val_pixels - mean) / std
+    train_rng = np.random.default_rng([args.seed, 2])  # disjoint from the held-out stream [seed, 1]
 
     history, start = [], time.perf_counter()
     model.train()
@@ -153,15 +171,17 @@ def main(argv=None):
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.eval_every == 0 or step == args.steps:
-            history.append({"step": step, "loss": loss.item(), "val_token_shape_accuracy": val_accuracy(),
-                            "seconds": time.perf_counter() - start})
+            val = token_shape_accuracy(model, val_pixels, val_labels)
+            history.append({"step": step, "loss": loss.item(), "val_token_shape_accuracy": val["accuracy"],
+                            "val_scored_tokens": val["scored_tokens"], "seconds": time.perf_counter() - start})
             if not args.json:
                 h = history[-1]
                 print(f"step {step:>5}  loss {h['loss']:.3f}  val token shape accuracy "
                       f"{h['val_token_shape_accuracy']:.3f}  {h['seconds']:.0f} s", flush=True)
     result = {"arch": args.arch, "clip": args.clip, "image_size": image_size, "grid": grid,
               "learning_rate": lr, "steps": args.steps, "chance": 1 / len(SHAPES), "history": history,
-              "val_token_shape_accuracy": history[-1]["val_token_shape_accuracy"]}
+              "val_token_shape_accuracy": history[-1]["val_token_shape_accuracy"],
+              "val_scored_tokens": history[-1]["val_scored_tokens"]}
     if args.json:
         print(json.dumps(result, indent=2))
     return result
