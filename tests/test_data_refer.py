@@ -113,6 +113,72 @@ def test_decode_segmentation_forms():
         decode_segmentation([[1, 2, 3]], H, W, where="ann 7")
 
 
+def compressed_rle(x0, y0, x1, y1):
+    rle = mask_utils.encode(np.asfortranarray(rectangle(x0, y0, x1, y1).astype(np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+# Every layout COCO files use for `segmentation`, with the mask it stands for.
+COCO_LAYOUTS = {
+    "polygons": ([[1, 1, 4, 1, 4, 3, 1, 3], [6, 7, 9, 7, 9, 11, 6, 11]],
+                 rectangle(1, 1, 4, 3) | rectangle(6, 7, 9, 11)),
+    "one_polygon": ([[2.0, 3.0, 10.0, 3.0, 10.0, 8.0, 2.0, 8.0]], rectangle(2, 3, 10, 8)),
+    "compressed_rle": (compressed_rle(5, 6, 12, 11), rectangle(5, 6, 12, 11)),
+    "uncompressed_rle": (uncompressed_rle(0, 0, 3, 4), rectangle(0, 0, 3, 4)),
+    "list_of_compressed_rles": ([compressed_rle(0, 0, 2, 2), compressed_rle(10, 8, 14, 12)],
+                                rectangle(0, 0, 2, 2) | rectangle(10, 8, 14, 12)),
+    "list_of_uncompressed_rles": ([uncompressed_rle(1, 1, 5, 5), uncompressed_rle(3, 3, 8, 6)],
+                                  rectangle(1, 1, 5, 5) | rectangle(3, 3, 8, 6)),
+}
+
+
+def write_layouts_root(tmp_path):
+    """refcoco/unc root with one image and one annotation (and ref) per entry of COCO_LAYOUTS."""
+    root = tmp_path / "layouts"
+    (root / "refcoco").mkdir(parents=True)
+    (root / "images").mkdir()
+    Image.new("RGB", (W, H), (7, 8, 9)).save(root / "images" / "x.png")
+    anns, refs = [], []
+    for k, (name, (segmentation, expected)) in enumerate(COCO_LAYOUTS.items(), start=1):
+        crowd = isinstance(segmentation, dict) and isinstance(segmentation["counts"], list)
+        anns.append({"id": k, "image_id": 1, "category_id": 1, "iscrowd": int(crowd), "segmentation": segmentation,
+                     "area": float(expected.sum()), "bbox": [0.0, 0.0, 1.0, 1.0]})
+        refs.append({"ref_id": k, "ann_id": k, "image_id": 1, "split": "train", "category_id": 1, "sent_ids": [k],
+                     "sentences": [{"sent_id": k, "sent": name, "raw": name, "tokens": [name]}]})
+    instances = {"images": [{"id": 1, "file_name": "x.png", "height": H, "width": W}], "annotations": anns,
+                 "categories": [{"id": 1, "name": "a"}]}
+    (root / "refcoco" / "instances.json").write_text(json.dumps(instances))
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    return root
+
+
+def test_load_refer_reads_every_coco_segmentation_layout(tmp_path):
+    from pycocotools.coco import COCO
+
+    root = write_layouts_root(tmp_path)
+    rows = load_refer(root, "refcoco", "unc", "train", cache_dir=str(tmp_path / "cache"))
+    assert rows["sentences"] == [[name] for name in COCO_LAYOUTS]
+    coco = COCO(str(root / "refcoco" / "instances.json"))
+    for row, (name, (segmentation, expected)) in zip(rows, COCO_LAYOUTS.items(), strict=True):
+        np.testing.assert_array_equal(as_array(row["mask"]) > 0, expected, err_msg=name)
+        np.testing.assert_array_equal(decode_segmentation(segmentation, H, W), expected, err_msg=name)
+        if name != "list_of_compressed_rles":  # pycocotools' annToMask reads lists of uncompressed RLEs only
+            np.testing.assert_array_equal(coco.annToMask(coco.anns[row["ann_id"]]) > 0, expected, err_msg=name)
+
+
+def test_decode_segmentation_rejects_malformed_layouts():
+    with pytest.raises(ValueError, match="ann 3: segmentation list mixes"):
+        decode_segmentation([[0, 0, 2, 0, 2, 2], compressed_rle(0, 0, 2, 2)], H, W, where="ann 3")
+    with pytest.raises(ValueError, match="ann 3: uncompressed RLE counts sum to 5"):
+        decode_segmentation({"size": [H, W], "counts": [2, 3]}, H, W, where="ann 3")
+    with pytest.raises(ValueError, match="differs from the image size"):
+        decode_segmentation([compressed_rle(0, 0, 2, 2), {"size": [3, 3], "counts": [9]}], H, W)
+    with pytest.raises(ValueError, match="empty list"):
+        decode_segmentation([], H, W)
+    with pytest.raises(ValueError, match="coordinates must be numbers"):
+        decode_segmentation([[0, 0, "a", 0, 2, 2]], H, W)
+
+
 def test_explode_sentences_one_row_per_sentence(tmp_path):
     ds = load_refer(make_refer_root(tmp_path), "refcoco", "unc", None, cache_dir=str(tmp_path / "cache"))
     rows = explode_sentences(ds)

@@ -1,7 +1,6 @@
 """RefShapes: generate -> load_refer round trip, expression uniqueness re-checked from the files,
 split protocol, determinism, the language (parser/resolver) and the CLI script."""
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -32,6 +31,7 @@ def read_files(root):
 def test_every_split_round_trips_masks_pixels_and_sentences(refshapes_root):
     instances, refs = read_files(refshapes_root)
     anns = {a["id"]: a for a in instances["annotations"]}
+    sizes = {im["id"]: (im["height"], im["width"]) for im in instances["images"]}
     refs_by_id = {r["ref_id"]: r for r in refs}
     total = 0
     for split in SPLITS:
@@ -42,8 +42,11 @@ def test_every_split_round_trips_masks_pixels_and_sentences(refshapes_root):
             ann, ref = anns[row["ann_id"]], refs_by_id[row["ref_id"]]
             mask = np.asarray(row["mask"]) > 0
             image = np.asarray(row["image"])
-            h, w = ann["segmentation"]["size"]
+            h, w = sizes[ann["image_id"]]
             assert mask.shape == image.shape[:2] == (h, w) and 112 <= h <= 176 and 112 <= w <= 176
+            # RefCOCO's own form: non-crowd, one polygon of float vertices
+            assert ann["iscrowd"] == 0 and isinstance(ann["segmentation"], list) and len(ann["segmentation"]) == 1
+            assert all(isinstance(v, float) for v in ann["segmentation"][0]) and len(ann["segmentation"][0]) >= 6
             np.testing.assert_array_equal(mask, decode_segmentation(ann["segmentation"], h, w))
             # the mask is exactly the set of pixels painted in the object's own colour
             np.testing.assert_array_equal(mask, (image == np.array(ann["attributes"]["rgb"])).all(axis=-1))
@@ -98,18 +101,22 @@ def test_split_protocol(refshapes_root):
             assert pair[1] in ANGULAR_SHAPES
 
 
-def _hashes(root):
+def _contents(root):
     files = [p for p in sorted(root.rglob("*")) if p.is_file()]
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 def test_same_seed_gives_identical_files(tmp_path):
     summary = make_refshapes(tmp_path / "a", num_images=8, seed=3)
     make_refshapes(tmp_path / "b", num_images=8, seed=3)
     make_refshapes(tmp_path / "c", num_images=8, seed=4)
-    a, b, c = _hashes(tmp_path / "a"), _hashes(tmp_path / "b"), _hashes(tmp_path / "c")
-    assert len(a) == 8 + 2 and a == b
+    a, b, c = _contents(tmp_path / "a"), _contents(tmp_path / "b"), _contents(tmp_path / "c")
+    assert len(a) == 8 + 2 and a.keys() == b.keys()
+    for name in a:  # byte for byte, every PNG, instances.json and the refs pickle
+        assert a[name] == b[name], name
     assert a.keys() == c.keys() and all(a[k] != c[k] for k in a)
+    polygons = json.loads(a["refshapes/instances.json"])["annotations"][0]["segmentation"]
+    assert isinstance(polygons, list) and isinstance(polygons[0], list)
     assert summary["num_images"] == 8 and sum(s["images"] for s in summary["splits"].values()) == 8
     assert summary["num_refs"] == sum(s["refs"] for s in summary["splits"].values()) == len(
         load_refs_pickle(tmp_path / "a" / "refshapes" / "refs(unc).p"))

@@ -4,8 +4,8 @@ Layout read by `load_refer(root, dataset, split_by, split)`::
 
     <root>/<dataset>/refs(<split_by>).p   list of refs: ref_id, ann_id, image_id, split,
                                           category_id, sentences [{sent_id, sent, tokens, raw}]
-    <root>/<dataset>/instances.json       COCO: images, annotations (polygon or RLE
-                                          segmentation, bbox), categories
+    <root>/<dataset>/instances.json       COCO: images, annotations (segmentation, bbox),
+                                          categories
     <image_root>/<file_name>              images named by instances.json (default <root>/images)
 
 Every selected ref becomes one row with the features in `REFER_FEATURES`: `image` (the image
@@ -14,6 +14,11 @@ file, stored by path and decoded lazily), `mask` (decoded as mode "L", 0/255), `
 and `split`. Nothing is skipped: a malformed ref, a missing annotation or image, an image whose
 size differs from instances.json, or an empty mask raises an error that names the file and the
 record. The refs pickle is read with `refseg.data.unpickle.load_refs_pickle` (plain data only).
+
+An annotation's `segmentation` may take any layout COCO files use (`masks.decode_segmentation`):
+a list of polygons `[[x1, y1, ...], ...]` (RefCOCO; RefShapes), a compressed-RLE dict, an
+uncompressed-RLE dict (`counts` a list of ints, COCO's crowd form) or a list of RLE dicts; the
+parts of a list are united.
 
 Decisions: a ref without `category_id` takes its annotation's; polygons shorter than three
 points are padded by repeating their last point (so pycocotools never mistakes a 4-number

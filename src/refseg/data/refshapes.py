@@ -3,15 +3,29 @@
 `make_refshapes(root, num_images, seed)` writes::
 
     <root>/refshapes/refs(unc).p        refs (plain pickle, protocol 2), read by `load_refer`
-    <root>/refshapes/instances.json     COCO: images, annotations (compressed RLE of the visible
-                                        region, bbox, area, iscrowd, attributes {color, rgb}),
-                                        categories (one per shape, supercategory "shape")
+    <root>/refshapes/instances.json     COCO: images, annotations, categories (one per shape,
+                                        supercategory "shape")
     <root>/images/refshapes_<id>.png    lossless RGB images
 
+Annotations are written as RefCOCO's own (COCO's non-crowd form): `iscrowd` 0, `segmentation` a
+list holding one polygon `[[x1, y1, x2, y2, ...]]` (vertices rounded to 2 decimals), `area` the
+pixel count of that polygon's pycocotools rasterisation (`pycocotools.mask.area`), `bbox` its
+COCO xywh box (`pycocotools.mask.toBbox`), plus `attributes` {color, rgb}. So the original REFER
+API (`getMask`), `pycocotools.coco.COCO.annToMask` and `refseg.data.load_refer` all decode the
+same mask.
+
+Visible masks: the image shows exactly that mask. Each shape is painted as the pixels of the
+pycocotools rasterisation of the very polygon written to the file, and shapes never overlap (a
+placement is rejected unless it stays 2 px clear of every earlier shape), so no object is
+occluded and every polygon is the object's visible region. (Earlier versions let shapes occlude
+each other and wrote the visible region as compressed RLE; a visible region with a hole or a
+traced pixel outline is no RefCOCO-like polygon, so occlusion was given up instead.)
+
 Design (see also `refshapes_lang` and `refshapes_scene`):
-- Shapes: circle, ellipse, square, triangle, star, hexagon. Colours: red, green, blue, yellow,
-  purple, orange. Images of 2-6 shapes, width and height each in [min_size, max_size], on
-  noise, stripe, gradient or checker backgrounds; occlusion leaves >= 80 % of every object.
+- Shapes: circle, ellipse, square, triangle, star, hexagon (circles and ellipses as 64-gons).
+  Colours: red, green, blue, yellow, purple, orange. Images of 2-6 shapes, width and height each
+  in [min_size, max_size], on noise, stripe, gradient or checker backgrounds; flat colours, no
+  anti-aliasing.
 - Expressions: attribute, size, position, ordinal and relation kinds; 1-3 per ref, 1-3 refs per
   image, each ref a different object. An expression is kept only when `resolve_expression`
   applied to `parse_expression(sentence)` returns exactly its referent.
@@ -45,7 +59,7 @@ from .refshapes_lang import (
     SHAPES, SIZE_WORDS, UNSEEN_PAIRS, LogicalForm, NounPhrase, Scene, SceneObject, expression_kind, parse_expression,
     resolve_expression, surface_forms,
 )
-from .refshapes_scene import background, compose, mask_bbox, place_objects
+from .refshapes_scene import DrawnObject, background, compose, mask_bbox, place_objects
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +188,29 @@ def _generate_image(seed: int, image_id: int, split: str, min_size: int, max_siz
     raise RuntimeError(f"RefShapes: could not draw a describable scene for image {image_id} (seed {seed})")
 
 
+def _annotation(
+    ann_id: int, image_id: int, obj: SceneObject, drawn: DrawnObject, height: int, width: int
+) -> dict[str, Any]:
+    """One COCO non-crowd annotation: the object's polygon, with `area` and `bbox` from pycocotools.
+
+    Checks that the polygon, decoded as REFER's `getMask` decodes it, is exactly the painted
+    `visible` mask (so a broken invariant fails at generation, not in some reader downstream).
+    """
+    segmentation = [list(drawn.polygon)]
+    rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if not np.array_equal(mask_utils.decode(rle).astype(bool), drawn.visible):
+        raise RuntimeError(f"RefShapes: annotation {ann_id} (image {image_id}): polygon mask differs from the image")
+    bbox = [float(v) for v in mask_utils.toBbox(rle)]
+    area = float(mask_utils.area(rle))
+    if bbox != list(obj.bbox) or area != obj.area:
+        raise RuntimeError(f"RefShapes: annotation {ann_id} (image {image_id}): bbox/area differ from the scene")
+    return {
+        "id": ann_id, "image_id": image_id, "category_id": _CATEGORY_ID[obj.shape], "iscrowd": 0,
+        "segmentation": segmentation, "bbox": bbox, "area": area,
+        "attributes": {"color": obj.color, "rgb": list(drawn.rgb)},
+    }
+
+
 def _png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image, mode="RGB").save(buffer, format="PNG", compress_level=6)
@@ -228,13 +265,7 @@ def make_refshapes(
                        "split": split})
         first_ann = ann_id
         for obj, drawn in zip(item["scene"].objects, item["drawn"], strict=True):
-            rle = mask_utils.encode(np.asfortranarray(drawn.visible.astype(np.uint8)))
-            annotations.append({
-                "id": ann_id, "image_id": image_id, "category_id": _CATEGORY_ID[obj.shape], "iscrowd": 0,
-                "segmentation": {"size": [item["height"], item["width"]], "counts": rle["counts"].decode("ascii")},
-                "bbox": list(obj.bbox), "area": obj.area,
-                "attributes": {"color": obj.color, "rgb": list(drawn.rgb)},
-            })
+            annotations.append(_annotation(ann_id, image_id, obj, drawn, item["height"], item["width"]))
             ann_id += 1
         for k, sentences in item["refs"]:
             sents = [{"sent_id": sent_id + j, "sent": s, "raw": s, "tokens": s.split()}

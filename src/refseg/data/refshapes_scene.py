@@ -1,11 +1,17 @@
-"""RefShapes scenes: shape geometry, textured backgrounds, placement with limited occlusion.
+"""RefShapes scenes: shape polygons, textured backgrounds, placement without overlap.
 
-An image is a textured, nearly grey background with 2-6 flat-coloured shapes drawn in order.
-Shapes are rasterised without anti-aliasing, so an object's pixels are exactly its colour and its
-visible mask (its own shape minus every shape drawn after it) equals the set of pixels that
-have its RGB value. The background is kept desaturated (channel spread < 60) and every object
-colour is saturated (spread > 90), and the objects of one image get distinct RGB values, so no
-background or other-object pixel can take an object's colour.
+An image is a textured, nearly grey background with 2-6 flat-coloured shapes. Every shape is a
+polygon (circles and ellipses with 64 vertices, stars with 10), its vertices rounded to 2
+decimals as they are written to instances.json, and the shape is painted as *exactly* the pixels
+of that polygon's pycocotools rasterisation (`frPyObjects` + `decode`, no anti-aliasing). Shapes
+never overlap: a placement is kept only when at least `GAP` background pixels separate its mask
+from every shape placed before it, so nothing is occluded and an object's visible pixels are
+its whole polygon mask. This is what makes the annotation polygon, REFER's `getMask`,
+`pycocotools.COCO.annToMask`, `refseg.data.load_refer` and the picture agree pixel for pixel.
+
+The background is kept desaturated (channel spread < 60) and every object colour is saturated
+(spread > 90), and the objects of one image get distinct RGB values, so an object's mask also
+equals the set of pixels that have its RGB value.
 """
 
 from __future__ import annotations
@@ -14,20 +20,28 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from pycocotools import mask as mask_utils
 
 from .refshapes_lang import COLORS
 
 COLOR_JITTER = 10  # per-channel jitter of an object's RGB around its colour's base value
-MIN_VISIBLE = 0.8  # an object keeps at least this share of its own area visible
 MIN_PIXELS = 40
+GAP = 2  # at least this many background pixels between two objects' masks, in every direction
 RADIUS_RANGE = (0.10, 0.21)  # shape radius as a fraction of the shorter image side
+MIN_RADIUS = 0.07  # lower bound of the radius range after it has shrunk (crowded scenes)
+COORD_DECIMALS = 2  # polygon vertices are rounded like RefCOCO's (and rasterised as rounded)
 BACKGROUNDS = ("noise", "stripes", "gradient", "checker")
 
 
 @dataclass
 class DrawnObject:
-    """One drawn shape: geometry, colour and (after `compose`) its visible mask (H, W) bool."""
+    """One drawn shape: geometry, colour, its polygon and masks.
+
+    `polygon` is the flat vertex list `[x1, y1, x2, y2, ...]` written as the annotation's only
+    polygon; `full` is its pycocotools rasterisation, (H, W) bool, and `visible` the pixels the
+    image shows for the object. Objects never overlap, so `visible` equals `full`.
+    """
 
     shape: str
     color: str
@@ -36,8 +50,9 @@ class DrawnObject:
     cy: float
     radius: float
     angle: float
+    polygon: list[float]
     full: np.ndarray
-    visible: np.ndarray | None = None
+    visible: np.ndarray
 
 
 def shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
@@ -77,11 +92,34 @@ def shape_extent(shape: str, radius: float) -> float:
     return radius * factors[shape]
 
 
-def rasterise(points: list[tuple[float, float]], width: int, height: int) -> np.ndarray:
-    """Fill a polygon without anti-aliasing; returns a (height, width) bool mask."""
-    canvas = Image.new("L", (width, height), 0)
-    ImageDraw.Draw(canvas).polygon(points, fill=255)
-    return np.asarray(canvas) > 0
+def flat_polygon(points: list[tuple[float, float]]) -> list[float]:
+    """COCO's flat `[x1, y1, x2, y2, ...]` with every coordinate rounded to `COORD_DECIMALS`."""
+    return [round(float(v), COORD_DECIMALS) for point in points for v in point]
+
+
+def rasterise(polygons: list[list[float]], width: int, height: int) -> np.ndarray:
+    """COCO polygons (flat lists of >= 6 numbers) as pycocotools rasterises them: (height, width) bool.
+
+    The same `frPyObjects` + `decode` that REFER's `getMask` and `COCO.annToMask` run, so the
+    painted pixels are the annotation's mask by construction.
+    """
+    if not polygons or any(len(p) < 6 or len(p) % 2 for p in polygons):
+        raise ValueError("polygons: expected a non-empty list of flat vertex lists of >= 3 points")
+    masks = mask_utils.decode(mask_utils.frPyObjects([list(map(float, p)) for p in polygons], height, width))
+    return masks.any(axis=2)
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of an (H, W) bool mask by a (2 radius + 1)-pixel square."""
+    if radius <= 0:
+        return mask.copy()
+    h, w = mask.shape
+    padded = np.pad(mask, radius)
+    out = np.zeros_like(mask)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= padded[dy:dy + h, dx:dx + w]
+    return out
 
 
 def background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
@@ -120,20 +158,27 @@ def object_rgb(rng: np.random.Generator, color: str, taken: set[tuple[int, int, 
 
 
 def place_objects(
-    rng: np.random.Generator, width: int, height: int, pairs: list[tuple[str, str]], *, attempts: int = 30
+    rng: np.random.Generator, width: int, height: int, pairs: list[tuple[str, str]], *, attempts: int = 40
 ) -> list[DrawnObject]:
-    """Place shapes for the (colour, shape) `pairs` in drawing order, with limited occlusion.
+    """Place shapes for the (colour, shape) `pairs` in order, never overlapping.
 
-    Each new shape is drawn over the earlier ones; a placement is kept only when every earlier
-    object keeps `MIN_VISIBLE` of its area and `MIN_PIXELS` pixels. A pair that finds no place in
-    `attempts` tries is dropped. Returns the placed objects with `visible` masks set.
+    A placement is kept only when its polygon mask has `MIN_PIXELS` pixels and misses every
+    earlier mask dilated by `GAP` (so at least `GAP` background pixels lie between them). The
+    upper end of the radius range shrinks with every failed attempt (its lower end too, down to
+    `MIN_RADIUS` at the last), so crowded scenes still fit smaller shapes; a pair that finds no
+    place in `attempts` tries is dropped. Returns the placed objects, `visible` equal to `full`.
     """
     placed: list[DrawnObject] = []
     taken: set[tuple[int, int, int]] = set()
+    occupied = np.zeros((height, width), bool)  # every placed mask, dilated by GAP
     short = min(width, height)
+    lo, hi = RADIUS_RANGE
     for color, shape in pairs:
-        for _ in range(attempts):
-            radius = rng.uniform(*RADIUS_RANGE) * short
+        for attempt in range(attempts):
+            shrink = attempt / max(attempts - 1, 1)
+            top = hi - (hi - lo) * shrink
+            bottom = min(lo, top) - (lo - MIN_RADIUS) * shrink
+            radius = rng.uniform(bottom, top) * short
             extent = shape_extent(shape, radius)
             if 2 * extent + 4 >= short:
                 continue
@@ -145,27 +190,23 @@ def place_objects(
                 angle = rng.uniform(0, 2 * math.pi)
             if shape == "triangle" and rng.random() < 0.5:
                 angle += math.pi  # pointing down
-            full = rasterise(shape_polygon(shape, cx, cy, radius, angle), width, height)
-            if full.sum() < MIN_PIXELS:
+            polygon = flat_polygon(shape_polygon(shape, cx, cy, radius, angle))
+            full = rasterise([polygon], width, height)
+            if full.sum() < MIN_PIXELS or (full & occupied).any():
                 continue
-            if all(
-                (vis := (o.visible & ~full).sum()) >= MIN_VISIBLE * o.full.sum() and vis >= MIN_PIXELS
-                for o in placed
-            ):
-                for o in placed:
-                    o.visible = o.visible & ~full
-                rgb = object_rgb(rng, color, taken)
-                taken.add(rgb)
-                placed.append(DrawnObject(shape, color, rgb, cx, cy, radius, angle, full, full.copy()))
-                break
+            occupied |= dilate(full, GAP)
+            rgb = object_rgb(rng, color, taken)
+            taken.add(rgb)
+            placed.append(DrawnObject(shape, color, rgb, cx, cy, radius, angle, polygon, full, full.copy()))
+            break
     return placed
 
 
 def compose(canvas: np.ndarray, objects: list[DrawnObject]) -> np.ndarray:
-    """Paint `objects` in order onto a copy of `canvas` (H, W, 3) uint8."""
+    """Paint every object's `visible` pixels in its flat RGB onto a copy of `canvas` (H, W, 3) uint8."""
     image = canvas.copy()
     for obj in objects:
-        image[obj.full] = obj.rgb
+        image[obj.visible] = obj.rgb
     return image
 
 
@@ -176,4 +217,7 @@ def mask_bbox(mask: np.ndarray) -> list[float]:
     return [float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)]
 
 
-__all__ = ["DrawnObject", "background", "compose", "mask_bbox", "object_rgb", "place_objects", "shape_polygon"]
+__all__ = [
+    "DrawnObject", "background", "compose", "dilate", "flat_polygon", "mask_bbox", "object_rgb", "place_objects",
+    "rasterise", "shape_polygon",
+]
