@@ -4,8 +4,13 @@
     accelerate launch scripts/evaluate.py --model <folder or Hub id> --dataset refcoco \
         --data_root data --split val,testA,testB [--output results.json]
 
-Every sentence of every ref is scored; the table (percentages, two decimals) is printed and the
-metrics are written as JSON (`--output`, default `<model>/eval_<dataset>.json` for a folder).
+Every sentence of every ref is scored (the model's `logits`); the table (percentages, two
+decimals) is printed and the metrics are written as an evaluation record
+(`refseg.training.evaluation.write_eval_results`: `{"dataset", "split_by", "scored_output":
+"logits", "global_step": null, "results": {split: metrics}}`, metrics as fractions) to `--output`,
+default `<model>/eval_<dataset>.json` for a folder. The record names its dataset and split protocol
+(`--split_by`, or the dataset's default), so `scripts/push_to_hub.py --eval_results` reads them
+from the file, whatever it is called. `main` returns the bare `{split: metrics}`.
 On RefShapes, `--by_kind` also breaks each split down by kind of expression
 (`refseg.data.expression_kind`: colour, shape, colour+shape, size, position, ordinal, relation),
 printed as a second table and written next to the JSON as `<name>_by_kind.json`.
@@ -25,8 +30,10 @@ from transformers import AutoModel, AutoProcessor
 import refseg  # noqa: F401  (registers the models with the Auto classes)
 from refseg.data.refshapes import EXPRESSION_KINDS, expression_kind
 from refseg.metrics import summarize_counts
-from refseg.training.data import load_eval_splits
-from refseg.training.evaluation import format_results_table, split_counts, summarize_by_group
+from refseg.training.data import load_eval_splits, resolve_split_by
+from refseg.training.evaluation import format_results_table, split_counts, summarize_by_group, write_eval_results
+
+SCORED_OUTPUT = "logits"
 
 
 def parse_args(argv=None):
@@ -67,7 +74,8 @@ def main(argv=None):
     results, by_kind = {}, {}
     for name, samples in splits.items():
         rows = split_counts(model, processor, samples, accelerator=accelerator, batch_size=args.batch_size,
-                            num_workers=args.num_workers, threshold=args.threshold, desc=f"eval {name}")
+                            num_workers=args.num_workers, threshold=args.threshold, output=SCORED_OUTPUT,
+                            desc=f"eval {name}")
         results[name] = summarize_counts(rows[:, 1:])
         if args.by_kind:
             kinds = [expression_kind(sentence) for sentence in samples.dataset["sentence"]]
@@ -77,7 +85,8 @@ def main(argv=None):
         print(format_results_table(results))
         output = Path(args.output or (Path(args.model) / f"eval_{args.dataset}.json" if Path(args.model).is_dir()
                                       else f"eval_{args.dataset}.json"))
-        output.write_text(json.dumps(results, indent=2))
+        write_eval_results(output, results, dataset=args.dataset,
+                           split_by=resolve_split_by(data_args), scored_output=SCORED_OUTPUT)
         print(f"metrics written to {output}")
         if args.by_kind:
             print("by kind of expression:")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Export a trained refseg model as a Hub repository folder, and optionally upload it.
 
-    python scripts/push_to_hub.py --model outputs/risclip-b/final --repo_id my-org/risclip-b-refcoco \
-        --preset risclip-b --eval_results outputs/risclip-b/final/eval_refcoco.json [--push] [--private]
+    python scripts/push_to_hub.py --model outputs/risclip-b_refcoco --repo_id my-org/risclip-b-refcoco \
+        --preset risclip-b --eval_results outputs/risclip-b_refcoco/eval_results.json [--push] [--private]
 
 Without `--push` it only writes the folder (default `<model>/hub-export`, or `--out_dir`): config,
 safetensors weights, processor files, the model card (README.md) and, unless `--no_remote_code`,
@@ -12,20 +12,26 @@ repository (if needed) and uploads the folder with `huggingface_hub` (log in fir
 `hf auth login` or set `HF_TOKEN`).
 
 The card data comes from `--preset` (a card shipped with refseg: risclip-b, risclip-l,
-risclip-tiny) or `--card_data <yaml/json>`; measured results only from `--eval_results` (the JSON
-`scripts/evaluate.py` writes; its dataset from `--eval_dataset`, else from a file name
-`eval_<dataset>.json`, else the card's default).
+risclip-tiny) or `--card_data <yaml/json>`; measured results only from `--eval_results`, the
+evaluation record `scripts/train.py` (`<output_dir>/eval_results.json`) or `scripts/evaluate.py`
+writes. The dataset of those results is the one the record names; `--eval_dataset` only fills in
+for a record that names none (the old bare `{split: metrics}` layout), else the card data's
+`evaluation_dataset` does; an `--eval_dataset` that contradicts the record is an error. The file's
+name plays no part. The card's license: the card data's, else the backbone checkpoint's (from its
+model card, when the model's config records a local folder or a cached Hub id), else `other` with
+a note (see `refseg.hub.cards`).
+
+Called as `main(argv)`, a bad argument raises `ValueError`; run as a script, it exits with the message.
 """
 
 import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import refseg  # noqa: F401  (registers the models with the Auto classes)
-from refseg.hub import available_cards, export
+from refseg.hub import available_cards, export, load_card_info, load_eval_results, resolve_eval_dataset
 from transformers import AutoModel, AutoProcessor
 
 
@@ -35,8 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--repo_id", required=True, help="target Hub repository, <org>/<name>")
     p.add_argument("--preset", default=None, help=f"card data shipped with refseg: {', '.join(available_cards())}")
     p.add_argument("--card_data", default=None, help="card data YAML/JSON file (instead of --preset)")
-    p.add_argument("--eval_results", default=None, help="eval_results.json from scripts/evaluate.py")
-    p.add_argument("--eval_dataset", default=None, help="dataset of --eval_results (refcoco, refcoco+, ...)")
+    p.add_argument("--eval_results", default=None,
+                   help="eval_results.json written by scripts/train.py or scripts/evaluate.py")
+    p.add_argument("--eval_dataset", default=None,
+                   help="dataset of --eval_results when the file records none (old layout): refcoco, refcoco+, ...")
     p.add_argument("--out_dir", default=None, help="export folder (default: <model>/hub-export)")
     p.add_argument("--no_remote_code", action="store_true", help="do not ship the modeling code")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out_dir")
@@ -51,34 +59,32 @@ def parse_args(argv=None):
     return args
 
 
-def infer_eval_dataset(path):
-    match = re.fullmatch(r"eval_(.+)\.json", Path(path).name)
-    return match.group(1) if match else None
-
-
 def main(argv=None):
     args = parse_args(argv)
     model_dir = Path(args.model)
     out_dir = Path(args.out_dir) if args.out_dir else model_dir / "hub-export"
+    card_data = args.card_data or args.preset
+    # Check the results and their dataset before loading the model: a contradiction fails fast.
+    record = load_eval_results(args.eval_results)
+    if record is not None:
+        default = load_card_info(card_data).get("evaluation_dataset") if card_data else None
+        dataset = resolve_eval_dataset(record, args.eval_dataset, default)
+        source = "recorded in the file" if record["dataset"] else (
+            "--eval_dataset" if args.eval_dataset else "the card data's evaluation_dataset")
+        print(f"measured results: {', '.join(record['results'])} on {dataset} ({source})")
     model = AutoModel.from_pretrained(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
-    eval_dataset = args.eval_dataset
-    if args.eval_results and eval_dataset is None:
-        eval_dataset = infer_eval_dataset(args.eval_results)
-    try:
-        export(
-            model,
-            processor,
-            out_dir,
-            remote_code=not args.no_remote_code,
-            card_data=args.card_data or args.preset,
-            eval_results=args.eval_results,
-            eval_dataset=eval_dataset,
-            repo_id=args.repo_id,
-            overwrite=args.overwrite,
-        )
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    export(
+        model,
+        processor,
+        out_dir,
+        remote_code=not args.no_remote_code,
+        card_data=card_data,
+        eval_results=record,
+        eval_dataset=args.eval_dataset,
+        repo_id=args.repo_id,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {out_dir}")
     for path in sorted(out_dir.iterdir()):
         print(f"  {path.name}")
@@ -97,4 +103,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:
+        sys.exit(f"error: {err}")

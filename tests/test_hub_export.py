@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import refseg.pipelines  # noqa: F401  (registers the pipeline task)
 from refseg.hub import build_model_card, export, load_eval_results, module_closure
+from refseg.hub.cards import backbone_card_license, backbone_sources_from_config, resolve_license
 from refseg.hub.remote_code import flat_module_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +92,7 @@ def trained(tiny_trained_risclip):
 
 @pytest.fixture(scope="module")
 def eval_file(tmp_path_factory):
+    """An evaluation file in the old bare `{split: metrics}` layout (it records no dataset)."""
     path = tmp_path_factory.mktemp("eval") / "eval_refshapes.json"
     path.write_text(json.dumps(EVAL_RESULTS))
     return path
@@ -285,5 +287,165 @@ def test_push_script_writes_the_folder_without_pushing(trained, eval_file):
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_risclip.RisclipModel"
     card = ModelCard.load(out / "README.md")
-    assert {r.dataset_type for r in card.data.eval_results} == {"refshapes"}  # from the file name
+    # the old bare layout records no dataset: the card data's `evaluation_dataset` names it
+    assert {r.dataset_type for r in card.data.eval_results} == {"refshapes"}
     assert 'model="refseg-test/risclip-tiny"' in card.content
+
+
+# ------------------------------------------------------------------ the evaluation record's dataset
+def _record(dataset="refshapes", **extra):
+    return {"dataset": dataset, "split_by": "unc", "scored_output": "logits", "global_step": 6,
+            "results": EVAL_RESULTS, **extra}
+
+
+def test_eval_results_accept_the_record_and_the_bare_layout(tmp_path):
+    from refseg.training.evaluation import write_eval_results
+
+    path = write_eval_results(tmp_path / "eval_results.json", EVAL_RESULTS, dataset="refcoco", split_by="unc",
+                              global_step=6)
+    expected = {"dataset": "refcoco", "split_by": "unc", "scored_output": "logits", "global_step": 6,
+                "results": EVAL_RESULTS}
+    assert load_eval_results(path) == expected
+    assert load_eval_results(str(path)) == expected
+    assert load_eval_results(json.loads(path.read_text())) == expected  # the record as a mapping
+    bare = {"dataset": None, "split_by": None, "scored_output": None, "global_step": None, "results": EVAL_RESULTS}
+    assert load_eval_results(EVAL_RESULTS) == bare
+    (tmp_path / "bare.json").write_text(json.dumps(EVAL_RESULTS))
+    assert load_eval_results(tmp_path / "bare.json") == bare
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"dataset": "refcoco", "results": {}}, "non-empty"), ({"dataset": 3, "results": EVAL_RESULTS}, "dataset"),
+     ({"dataset": "refcoco", "global_step": -1, "results": EVAL_RESULTS}, "global_step"),
+     ({"dataset": "refcoco", "results": {"val": {"mIoU": 75.3}}}, "fraction")],
+)
+def test_eval_records_are_validated(bad, match):
+    with pytest.raises(ValueError, match=match):
+        load_eval_results(bad)
+
+
+def _measured_dataset(card):
+    types = {r.dataset_type for r in card.data.eval_results}
+    names = {r.dataset_name for r in card.data.eval_results}
+    measured = card.content.split("### Measured with refseg", 1)[1]
+    shown = re.search(r"Measured on \*\*(.+?)\*\*", measured).group(1)
+    return types, names, shown
+
+
+def test_card_names_the_dataset_the_record_names(tmp_path):
+    # The record's dataset beats the card data's default (risclip-b: refcoco) and the file's name.
+    path = tmp_path / "eval_refcoco.json"
+    path.write_text(json.dumps(_record("refshapes")))
+    card = build_model_card("risclip-b", eval_results=path)
+    assert _measured_dataset(card) == ({"refshapes"}, {"RefShapes (synthetic, generated with refseg)"},
+                                       "RefShapes (synthetic, generated with refseg)")
+    assert "after 6 optimizer steps" in card.content and "`logits`" in card.content
+    # an explicit eval_dataset that agrees (any case) is fine; one that contradicts the record is not
+    assert _measured_dataset(build_model_card("risclip-b", eval_results=path, eval_dataset="RefShapes"))[0] == {
+        "refshapes"}
+    with pytest.raises(ValueError, match="contradicts"):
+        build_model_card("risclip-b", eval_results=path, eval_dataset="refcoco")
+    # the split protocol the record names shows in the dataset's name
+    card = build_model_card("risclip-b", eval_results=_record("refcocog", split_by="google"))
+    assert _measured_dataset(card) == ({"jxu124/refcocog"}, {"RefCOCOg (GOOGLE)"}, "RefCOCOg (GOOGLE)")
+
+
+def test_export_refuses_a_contradicting_dataset_before_writing(trained, tmp_path):
+    model, processor, _ = trained
+    with pytest.raises(ValueError, match="contradicts"):
+        export(model, processor, tmp_path / "out", eval_results=_record("refshapes"), eval_dataset="refcoco")
+    assert not (tmp_path / "out").exists()
+    out = export(model, processor, tmp_path / "ok", remote_code=False, eval_results=_record("refshapes"))
+    assert {r.dataset_type for r in ModelCard.load(out / "README.md").data.eval_results} == {"refshapes"}
+
+
+def test_bare_results_never_take_the_dataset_from_the_file_name(tmp_path):
+    path = tmp_path / "eval_refcoco.json"  # named like the old evaluate.py output
+    path.write_text(json.dumps(EVAL_RESULTS))
+    assert _measured_dataset(build_model_card("risclip-tiny", eval_results=path))[0] == {"refshapes"}
+    assert _measured_dataset(build_model_card("risclip-tiny", eval_results=path, eval_dataset="refcoco+"))[0] == {
+        "jxu124/refcocoplus"}
+    with pytest.raises(ValueError, match="eval_dataset"):
+        build_model_card(None, model_type="risclip", eval_results=path)  # no card default, no record
+
+
+# ------------------------------------------------------------------------------------------ license
+def _license_section(card):
+    return card.content.split("## License", 1)[1].split("\n## ", 1)[0]
+
+
+def _write_card(folder, header):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.md").write_text(f"---\n{header}\n---\n\n# a backbone\n")
+    return folder
+
+
+def test_every_card_has_a_license(tmp_path):
+    # card data's license first
+    card = build_model_card("risclip-tiny")
+    assert card.data.license == "apache-2.0"
+    card = build_model_card({"metadata": {"license": "cc-by-4.0"}}, backbones={"clip": str(tmp_path)})
+    assert card.data.license == "cc-by-4.0"
+    # no card data, no backbone card: an explicit `other`, and the card says what to do
+    card = build_model_card(None, model_type="risclip")
+    assert card.data.license == "other"
+    section = _license_section(card)
+    assert "license of these weights was not recorded" in section and "check the license" in section
+    # no card data: the backbone's own model card
+    mit = _write_card(tmp_path / "clip-mit", "license: mit\ntags: [clip]")
+    card = build_model_card(None, model_type="risclip", backbones={"clip": str(mit)})
+    assert card.data.license == "mit"
+    assert "`mit`, taken from the model card of the backbone" in _license_section(card)
+
+
+def test_backbone_licenses_must_agree(tmp_path):
+    mit = _write_card(tmp_path / "clip", "license: mit")
+    apache = _write_card(tmp_path / "sam", "license: apache-2.0")
+    bare = tmp_path / "nocard"
+    bare.mkdir()
+    assert resolve_license({}, {"clip": str(mit), "sam": str(_write_card(tmp_path / "sam2", "license: mit"))})[0] == {
+        "license": "mit"}
+    fields, text = resolve_license({}, {"clip": str(mit), "sam": str(apache)})
+    assert fields == {"license": "other"} and "clip: `mit`" in text and "sam: `apache-2.0`" in text
+    assert resolve_license({}, {"clip": str(mit), "sam": str(bare)})[0] == {"license": "other"}
+    assert resolve_license({}, {"clip": str(bare)})[0] == {"license": "other"}
+    other = _write_card(tmp_path / "custom", "license: other\nlicense_name: custom\nlicense_link: LICENSE")
+    assert resolve_license({}, {"clip": str(other)})[0] == {"license": "other", "license_name": "custom",
+                                                             "license_link": "LICENSE"}
+
+
+def test_backbone_license_from_the_local_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--some-org--tiny-clip" / "snapshots" / "abc123"
+    _write_card(snapshot, "license: bsd-3-clause")
+    (tmp_path / "hub" / "models--some-org--tiny-clip" / "refs").mkdir()
+    (tmp_path / "hub" / "models--some-org--tiny-clip" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert backbone_card_license("some-org/tiny-clip") == {"license": "bsd-3-clause"}
+    assert backbone_card_license("some-org/not-cached") is None
+    assert backbone_card_license("not a repo id!") is None
+
+
+def test_export_takes_the_license_from_the_backbone_the_config_records(trained, tiny_backbones, tmp_path):
+    import shutil
+
+    from refseg import RisclipModel, RisclipProcessor
+
+    model, processor, _ = trained
+    assert backbone_sources_from_config(model.config) == {"clip": str(tiny_backbones["clip"])}
+    # the session's tiny CLIP folder has no model card: `other`, with the note
+    card = ModelCard.load(export(model, processor, tmp_path / "plain", remote_code=False) / "README.md")
+    assert card.data.license == "other" and "was not recorded" in _license_section(card)
+    # a copy of that CLIP whose README says `license: mit`
+    clip = tmp_path / "clip-mit"
+    shutil.copytree(tiny_backbones["clip"], clip)
+    _write_card(clip, "license: mit")
+    model = RisclipModel.from_backbones(clip=str(clip), image_size=64)
+    processor = RisclipProcessor.from_backbones(clip=str(clip), image_size=64)
+    card = ModelCard.load(export(model, processor, tmp_path / "mit", remote_code=False) / "README.md")
+    assert card.data.license == "mit"
+    card = ModelCard.load(export(model, processor, tmp_path / "preset", remote_code=False,
+                                 card_data="risclip-tiny") / "README.md")
+    assert card.data.license == "apache-2.0"  # the card data's wins

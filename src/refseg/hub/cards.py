@@ -13,13 +13,34 @@ package in `refseg/hub/templates/`, which is what the code reads) hold:
 - `reported`: numbers *reported in the paper* (`source` + `rows` of `{dataset, split, mIoU, oIoU}`),
   or a `note` when the paper has none. They are shown in their own table and never enter the
   `model-index` metadata: they belong to the authors' checkpoints, not to these weights.
-- `evaluation_dataset`: the dataset an `eval_results.json` refers to when the caller does not say.
+- `evaluation_dataset`: the dataset of the measured results when their record names none (an
+  `eval_results.json` in the old bare layout) and the caller does not say.
 
-Results *measured with refseg* come only from an `eval_results.json` as written by
-`scripts/evaluate.py`: `{"<split>": {"oIoU": 0.71, "mIoU": 0.73, "precision@0.5": 0.8, ...,
-"num_samples": 1500}}` with metrics as fractions in [0, 1]. The card shows them as percentages with
-two decimals (`100 * value`, rounded) and records the same rounded percentages as `model-index`
-`EvalResult`s (task `image-segmentation`, dataset from `EVAL_DATASETS`, split = the JSON key).
+License. Every card carries a `license` (`resolve_license`), first found of:
+
+1. the card data's `metadata.license` (with its `license_name` / `license_link` when it is `other`);
+2. the backbone checkpoints' own license: the backbones the model was built from are recorded in
+   its config (`config.<sub>_config._name_or_path`, e.g. `clip_config`; see
+   `backbone_sources_from_config`), and the `license` of each one's model card is read from the YAML
+   header of `README.md` in that local folder, or of a Hub id's README.md already in the local
+   Hugging Face cache (no network access). Used when every backbone names one and they agree;
+3. otherwise `other`, and the card's "License" section says that the license was not recorded and
+   that users must check the backbones' licenses.
+
+Results *measured with refseg* come only from an evaluation record, `eval_results.json`, as
+`refseg.training.evaluation.write_eval_results` writes it (`scripts/train.py` at the end of a run,
+`scripts/evaluate.py`):
+
+    {"dataset": "refcoco", "split_by": "unc", "scored_output": "logits", "global_step": 1200,
+     "results": {"<split>": {"oIoU": 0.71, "mIoU": 0.73, "precision@0.5": 0.8, ..., "num_samples": 1500}}}
+
+with metrics as fractions in [0, 1]. The old bare layout `{"<split>": {metrics}}` (no record around
+it) is still read; it names no dataset. The dataset of the results is the record's `dataset`; an
+explicit `eval_dataset` that contradicts it is an error; without a recorded dataset it is
+`eval_dataset`, else the card data's `evaluation_dataset` (see `resolve_eval_dataset`). It is never
+guessed from a file name. The card shows the metrics as percentages with two decimals
+(`100 * value`, rounded) and records the same rounded percentages as `model-index` `EvalResult`s
+(task `image-segmentation`, dataset from `EVAL_DATASETS`, split = the key under `results`).
 """
 
 import json
@@ -41,11 +62,14 @@ CARD_DATA_SUFFIXES = (".yaml", ".yml", ".json")
 
 # refseg dataset name -> (model-index dataset type = Hub dataset id where one exists, display name)
 EVAL_DATASETS = {
-    "refcoco": ("jxu124/refcoco", "RefCOCO (UNC)"),
-    "refcoco+": ("jxu124/refcocoplus", "RefCOCO+ (UNC)"),
-    "refcocog": ("jxu124/refcocog", "RefCOCOg (UMD)"),
+    "refcoco": ("jxu124/refcoco", "RefCOCO"),
+    "refcoco+": ("jxu124/refcocoplus", "RefCOCO+"),
+    "refcocog": ("jxu124/refcocog", "RefCOCOg"),
     "refshapes": ("refshapes", "RefShapes (synthetic, generated with refseg)"),
 }
+# The split protocol a RefCOCO-family display name shows when the record names none
+# (as `refseg.training.data.DEFAULT_SPLIT_BY`).
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 # Metric keys of `refseg.metrics.ReferringIoU` / scripts/evaluate.py, in table order, with headers.
 METRIC_HEADERS = {
     "oIoU": "oIoU",
@@ -59,6 +83,9 @@ METRIC_HEADERS = {
 COUNT_KEYS = {"num_samples": "Expressions"}
 TASK_TYPE = "image-segmentation"
 TASK_NAME = "Referring Image Segmentation"
+
+LICENSE_KEYS = ("license", "license_name", "license_link")
+UNRECORDED_LICENSE = "other"
 
 PathLike = Union[str, os.PathLike]
 
@@ -117,23 +144,14 @@ def load_card_info(card: Union[None, PathLike, Mapping], *, model_type: Optional
     return _read_mapping(path, "card_data")
 
 
-def load_eval_results(eval_results: Union[None, PathLike, Mapping]) -> Optional[dict[str, dict[str, float]]]:
-    """Validated `{split: {metric: value}}` from a JSON file path or a mapping (`None` passes through).
-
-    Metric values must be finite numbers in [0, 1] (fractions, as `scripts/evaluate.py` writes them);
-    `num_samples` must be a non-negative integer.
-    """
-    if eval_results is None:
-        return None
-    if isinstance(eval_results, (str, os.PathLike)):
-        path = Path(eval_results)
-        if not path.is_file():
-            raise ValueError(f"`eval_results` file {path} does not exist")
-        eval_results = _read_mapping(path, "eval_results")
-    if not isinstance(eval_results, Mapping) or not eval_results:
-        raise ValueError("`eval_results` must be a non-empty mapping {split: {metric: value}}")
+def _check_results(results: Any) -> dict[str, dict[str, float]]:
+    if not isinstance(results, Mapping) or not results:
+        raise ValueError(
+            "`eval_results` must hold a non-empty mapping {split: {metric: value}} (a run evaluated on no "
+            f"split records none), got {results!r}"
+        )
     checked = {}
-    for split, metrics in eval_results.items():
+    for split, metrics in results.items():
         if not isinstance(split, str) or not isinstance(metrics, Mapping) or not metrics:
             raise ValueError(f"`eval_results`[{split!r}] must map metric names to numbers, got {metrics!r}")
         row = {}
@@ -156,6 +174,181 @@ def load_eval_results(eval_results: Union[None, PathLike, Mapping]) -> Optional[
     return checked
 
 
+def load_eval_results(eval_results: Union[None, PathLike, Mapping]) -> Optional[dict[str, Any]]:
+    """The validated evaluation record from an `eval_results.json` path or a mapping (`None` passes through).
+
+    Accepts the record `refseg.training.evaluation.write_eval_results` writes (`{"dataset", "split_by",
+    "scored_output", "global_step", "results": {split: metrics}}`) and the old bare `{split: metrics}`
+    layout, read as a record whose other fields are `None` (a mapping with a `results` key is a record).
+
+    Returns:
+        `{"dataset": str | None, "split_by": str | None, "scored_output": str | None,
+        "global_step": int | None, "results": {split: {metric: value}}}`. Metric values must be finite
+        numbers in [0, 1] (fractions, as the scripts write them); `num_samples` must be a non-negative int.
+    """
+    from ..training.evaluation import EVAL_RECORD_KEYS, read_eval_results
+
+    if eval_results is None:
+        return None
+    if isinstance(eval_results, (str, os.PathLike)):
+        path = Path(eval_results)
+        if not path.is_file():
+            raise ValueError(f"`eval_results` file {path} does not exist")
+        try:
+            record = read_eval_results(path)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`eval_results` file {path} is not JSON: {err}") from err
+    elif isinstance(eval_results, Mapping):
+        data = eval_results if "results" in eval_results else {"results": eval_results}
+        record = {key: data.get(key) for key in EVAL_RECORD_KEYS}
+    else:
+        raise ValueError(f"`eval_results` must be a path or a mapping, got {type(eval_results).__name__}")
+    for key in ("dataset", "split_by", "scored_output"):
+        value = record[key]
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"`eval_results` field {key!r} must be a non-empty string or null, got {value!r}")
+    step = record["global_step"]
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise ValueError(f"`eval_results` field 'global_step' must be an int >= 0 or null, got {step!r}")
+    record["results"] = _check_results(record["results"])
+    return record
+
+
+def resolve_eval_dataset(
+    record: Mapping[str, Any], eval_dataset: Optional[str] = None, default: Optional[str] = None
+) -> str:
+    """The dataset an evaluation record was measured on.
+
+    The record's own `dataset` wins; an `eval_dataset` that names another one (compared without case)
+    raises `ValueError`. Without a recorded dataset (old bare layout): `eval_dataset`, else `default`
+    (the card data's `evaluation_dataset`), else `ValueError`. Never guessed from a file name.
+    """
+    recorded = record.get("dataset")
+    if recorded:
+        if eval_dataset and eval_dataset.strip().lower() != recorded.strip().lower():
+            raise ValueError(
+                f"`eval_dataset` {eval_dataset!r} contradicts the evaluation record, which was measured on "
+                f"{recorded!r}; drop `eval_dataset` (the record's dataset is used) or pass the matching results"
+            )
+        return recorded
+    dataset = eval_dataset or default
+    if not dataset:
+        raise ValueError(
+            "`eval_dataset` is required: the evaluation record names no `dataset` (old layout) and the card "
+            "data names no `evaluation_dataset`"
+        )
+    return dataset
+
+
+def dataset_display_name(dataset: str, split_by: Optional[str] = None) -> str:
+    """Name shown in the card and `model-index` (`"RefCOCOg (UMD)"`; `"RefCOCOg (GOOGLE)"` for that split)."""
+    name = EVAL_DATASETS.get(dataset, (dataset, dataset))[1]
+    protocol = split_by or DEFAULT_SPLIT_BY.get(dataset)
+    return f"{name} ({protocol.upper()})" if protocol and dataset in DEFAULT_SPLIT_BY else name
+
+
+# ----------------------------------------------------------------------------------------- license
+def backbone_sources_from_config(config) -> dict[str, str]:
+    """`{backbone: checkpoint}` recorded in a refseg config: `_name_or_path` of each backbone sub-config
+    (`clip_config` -> `"clip"`, `sam_config` -> `"sam"`), empty ones dropped. Works for any method's
+    config (its `sub_configs`)."""
+    sources = {}
+    for name in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, name, None)
+        source = getattr(sub, "_name_or_path", "") if sub is not None else ""
+        if source:
+            sources[name[: -len("_config")] if name.endswith("_config") else name] = str(source)
+    return sources
+
+
+def _read_front_matter(readme: Path) -> Optional[dict]:
+    try:
+        from huggingface_hub import metadata_load
+
+        return metadata_load(readme)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        logger.warning("could not read the YAML header of %s: %s", readme, err)
+        return None
+
+
+def backbone_card_license(source: PathLike) -> Optional[dict[str, str]]:
+    """`license` (and `license_name` / `license_link`) from a backbone checkpoint's own model card.
+
+    `source` is a local folder (its `README.md`) or a Hub id, whose README.md is looked up in the local
+    Hugging Face cache only (`huggingface_hub.try_to_load_from_cache`: no network access). `None` when
+    no card or no license is found.
+    """
+    readme = None
+    folder = Path(source)
+    if folder.is_dir():
+        readme = folder / "README.md"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(str(source), "README.md")
+        except ValueError:  # not a valid repo id either (huggingface_hub's validation errors are ValueErrors)
+            cached = None
+        readme = Path(cached) if isinstance(cached, str) else None
+    if readme is None or not readme.is_file():
+        return None
+    header = _read_front_matter(readme) or {}
+    license_id = header.get("license")
+    if isinstance(license_id, list) and len(license_id) == 1:
+        license_id = license_id[0]
+    if not isinstance(license_id, str) or not license_id.strip():
+        return None
+    found = {"license": license_id.strip()}
+    for key in LICENSE_KEYS[1:]:
+        if isinstance(header.get(key), str) and header[key].strip():
+            found[key] = header[key].strip()
+    return found
+
+
+def _describe_source(source: str) -> str:
+    path = Path(source)
+    return f"a local folder `{path.name}`" if path.is_absolute() or path.is_dir() else f"`{source}`"
+
+
+def resolve_license(metadata: Mapping[str, Any], backbones: Optional[Mapping[str, str]] = None) -> tuple[dict, str]:
+    """The card's license fields and the sentence its "License" section shows.
+
+    Order: the card data's `metadata.license`; else the license of the backbone checkpoints'
+    own model cards (`backbone_card_license`), when every backbone names one and they agree;
+    else `other`, with a sentence saying the license was not recorded and that the backbones'
+    licenses must be checked.
+
+    Returns:
+        `({"license": ..., ["license_name": ..., "license_link": ...]}, text)`.
+    """
+    if metadata.get("license"):
+        fields = {k: metadata[k] for k in LICENSE_KEYS if metadata.get(k)}
+        return fields, f"`{fields['license']}`, as stated in the card data of this model."
+    backbones = dict(backbones or {})
+    found = {name: backbone_card_license(source) for name, source in backbones.items()}
+    named = "; ".join(f"{name}: {_describe_source(source)}" for name, source in backbones.items())
+    if found and all(found.values()) and len({tuple(sorted(f.items())) for f in found.values()}) == 1:
+        fields = next(iter(found.values()))
+        which = "checkpoint" if len(found) == 1 else "checkpoints"
+        return fields, (
+            f"`{fields['license']}`, taken from the model card of the backbone {which} these weights were "
+            f"built from ({named}). The card data of this model records no license of its own."
+        )
+    if not backbones:
+        origin = "The configuration records no backbone checkpoint either."
+    else:
+        licensed = [f"{name}: `{f['license']}`" for name, f in found.items() if f]
+        origin = f"These weights are built from backbone checkpoints ({named})" + (
+            f"; the licenses found for them ({', '.join(licensed)}) do not settle one license for these weights."
+            if licensed else ", and no license was found in their model cards."
+        )
+    return {"license": UNRECORDED_LICENSE}, (
+        f"The license of these weights was not recorded: the card data names none, so the metadata says "
+        f"`{UNRECORDED_LICENSE}`. {origin} Before you use or redistribute this model, check the license of "
+        f"each backbone checkpoint it derives from."
+    )
+
+
 def _metric_keys(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     present = {k for metrics in results.values() for k in metrics if k not in COUNT_KEYS}
     known = [k for k in METRIC_HEADERS if k in present]
@@ -167,7 +360,7 @@ def as_percent(value: float) -> float:
     return round(100.0 * float(value), 2)
 
 
-def measured_table(results: Mapping[str, Mapping[str, Any]], dataset: str) -> dict:
+def measured_table(results: Mapping[str, Mapping[str, Any]], dataset: str, split_by: Optional[str] = None) -> dict:
     """Template context for the "Measured with refseg" table (`dataset_name`, `headers`, `rows`)."""
     keys = _metric_keys(results)
     counts = [k for k in COUNT_KEYS if any(k in m for m in results.values())]
@@ -177,12 +370,15 @@ def measured_table(results: Mapping[str, Mapping[str, Any]], dataset: str) -> di
         cells += [str(metrics[k]) if k in metrics else "-" for k in counts]
         rows.append({"split": split, "cells": cells})
     headers = [METRIC_HEADERS.get(k, k) for k in keys] + [COUNT_KEYS[k] for k in counts]
-    return {"dataset_name": EVAL_DATASETS.get(dataset, (dataset, dataset))[1], "headers": headers, "rows": rows}
+    return {"dataset_name": dataset_display_name(dataset, split_by), "headers": headers, "rows": rows}
 
 
-def measured_eval_results(results: Mapping[str, Mapping[str, Any]], dataset: str) -> list[EvalResult]:
+def measured_eval_results(
+    results: Mapping[str, Mapping[str, Any]], dataset: str, split_by: Optional[str] = None
+) -> list[EvalResult]:
     """One `EvalResult` per (split, metric): percentages, rounded like the card's table."""
-    dataset_type, dataset_name = EVAL_DATASETS.get(dataset, (dataset, dataset))
+    dataset_type = EVAL_DATASETS.get(dataset, (dataset, dataset))[0]
+    dataset_name = dataset_display_name(dataset, split_by)
     out = []
     for split, metrics in results.items():
         for key in _metric_keys({split: metrics}):
@@ -208,6 +404,7 @@ def build_model_card(
     eval_dataset: Optional[str] = None,
     repo_id: Optional[str] = None,
     model_type: Optional[str] = None,
+    backbones: Optional[Mapping[str, str]] = None,
     remote_code: bool = True,
     template_path: Optional[PathLike] = None,
 ) -> ModelCard:
@@ -215,37 +412,46 @@ def build_model_card(
 
     Args:
         card_data: see `load_card_info` (a shipped card name, a file, a mapping or `None`).
-        eval_results: `eval_results.json` path or mapping (see `load_eval_results`); the only source
+        eval_results: the evaluation record, an `eval_results.json` path or mapping (see
+            `load_eval_results`; the new record or the old bare `{split: metrics}`); the only source
             of the "Measured with refseg" table and of the `model-index` metadata.
         eval_dataset: the dataset those results were measured on (a key of `EVAL_DATASETS` or any
-            name); default: the card data's `evaluation_dataset`.
+            name), for a record that names none; it must agree with the record's `dataset` when that
+            is set (else `ValueError`). Default: the record's `dataset`, else the card data's
+            `evaluation_dataset` (see `resolve_eval_dataset`).
         repo_id: Hub id used in the usage snippets (default: `<your-org>/<model_name>`).
         model_type: the model's `config.model_type` (used for the generic card).
+        backbones: `{backbone: checkpoint name or path}` the model was built from
+            (`backbone_sources_from_config(model.config)`); their model cards supply the license
+            when the card data has none (see `resolve_license`).
         remote_code: whether the folder ships its modeling code (usage snippets with
             `trust_remote_code=True` and the `custom_code` tag) or needs `refseg` installed.
         template_path: a Jinja template (default: the shipped `modelcard_template.md`).
 
     Returns:
-        `huggingface_hub.ModelCard`; `card.save(path)` writes the README.md.
+        `huggingface_hub.ModelCard`; `card.save(path)` writes the README.md. Its metadata always has
+        a `license`.
     """
     info = load_card_info(card_data, model_type=model_type)
-    results = load_eval_results(eval_results)
+    record = load_eval_results(eval_results)
     metadata = dict(info.get("metadata") or {})
     tags = [t for t in metadata.get("tags") or [] if remote_code or t != "custom_code"]
     if remote_code and "custom_code" not in tags:
         tags.append("custom_code")
     metadata["tags"] = tags
+    license_fields, license_text = resolve_license(metadata, backbones)
+    metadata.update(license_fields)
     model_name = info.get("model_name") or model_type or "refseg-model"
     index_name = repo_id.split("/")[-1] if repo_id else model_name
     repo_id = repo_id or f"<your-org>/{model_name}"
 
     measured = None
-    if results is not None:
-        dataset = eval_dataset or info.get("evaluation_dataset")
-        if not dataset:
-            raise ValueError("`eval_dataset` is required: the card data names no `evaluation_dataset`")
-        measured = measured_table(results, dataset)
-        metadata["eval_results"] = measured_eval_results(results, dataset)
+    if record is not None:
+        dataset = resolve_eval_dataset(record, eval_dataset, info.get("evaluation_dataset"))
+        results, split_by = record["results"], record["split_by"]
+        measured = measured_table(results, dataset, split_by)
+        measured.update(split_by=split_by, scored_output=record["scored_output"], global_step=record["global_step"])
+        metadata["eval_results"] = measured_eval_results(results, dataset, split_by)
         metadata["model_name"] = index_name
     data = ModelCardData(**metadata)
 
@@ -261,6 +467,7 @@ def build_model_card(
         "reported": info.get("reported"),
         "measured": measured,
         "limitations": info.get("limitations") or ["Not documented for this model."],
+        "license_text": license_text,
         "citation": info.get("citation"),
         "repo_id": repo_id,
         "remote_code": remote_code,
@@ -273,10 +480,15 @@ __all__ = [
     "METRIC_HEADERS",
     "as_percent",
     "available_cards",
+    "backbone_card_license",
+    "backbone_sources_from_config",
     "build_model_card",
+    "dataset_display_name",
     "load_card_info",
     "load_eval_results",
     "measured_eval_results",
     "measured_table",
+    "resolve_eval_dataset",
+    "resolve_license",
     "templates_dir",
 ]

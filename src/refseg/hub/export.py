@@ -5,7 +5,9 @@
 - `config.json` and `model.safetensors` (`model.save_pretrained`; safetensors only);
 - the processor's files (`processor.save_pretrained`: processor, tokenizer and image-processor
   configs, vocabulary);
-- `README.md`, the model card (`refseg.hub.cards.build_model_card`);
+- `README.md`, the model card (`refseg.hub.cards.build_model_card`), with a `license` always: the
+  card data's, else the one the backbone checkpoints recorded in the model's config carry in their
+  own model cards, else `other` with a note to check the backbones' licenses;
 - with `remote_code=True` (default): the model's code flattened into the folder
   (`refseg.hub.remote_code`: the config, modeling and processing modules, everything of refseg
   they import, and the pipeline module), `auto_map` entries (`AutoConfig`, `AutoModel` in
@@ -31,7 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-from .cards import build_model_card
+from .cards import backbone_sources_from_config, build_model_card
 from .remote_code import flat_module_name, write_flat_modules
 
 logger = logging.getLogger(__name__)
@@ -118,9 +120,12 @@ def export(
         remote_code: also write the flattened modeling code, `auto_map` and `custom_pipelines`.
         card_data: card data for the README: a shipped card name (`"risclip-b"`, `"risclip-l"`,
             `"risclip-tiny"`), a YAML/JSON file, a mapping, or `None` for a generic card.
-        eval_results: `eval_results.json` path or `{split: {metric: fraction}}` mapping; fills the
-            card's "Measured with refseg" table and its `model-index` metadata.
-        eval_dataset: dataset of `eval_results` (default: the card data's `evaluation_dataset`).
+        eval_results: the evaluation record (`eval_results.json` path or mapping as
+            `refseg.training.evaluation.write_eval_results` writes it, or the old bare
+            `{split: {metric: fraction}}`); fills the card's "Measured with refseg" table and its
+            `model-index` metadata.
+        eval_dataset: dataset of `eval_results` when the record names none (default: the card
+            data's `evaluation_dataset`); must agree with the record's `dataset` when it names one.
         repo_id: Hub id used in the card's usage snippets.
         include_pipeline: with `remote_code`, also export the pipeline module.
         overwrite: replace an existing non-empty `out_dir`.
@@ -128,6 +133,16 @@ def export(
     Returns:
         `Path` of the written folder.
     """
+    # The card first: bad card data or evaluation results fail before anything is written.
+    card = build_model_card(
+        card_data,
+        eval_results=eval_results,
+        eval_dataset=eval_dataset,
+        repo_id=repo_id,
+        model_type=getattr(model.config, "model_type", None),
+        backbones=backbone_sources_from_config(model.config),
+        remote_code=remote_code,
+    )
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         if not overwrite:
@@ -143,14 +158,6 @@ def export(
     if remote_code:
         write_remote_code(model, processor, out_dir, include_pipeline=include_pipeline)
 
-    card = build_model_card(
-        card_data,
-        eval_results=eval_results,
-        eval_dataset=eval_dataset,
-        repo_id=repo_id,
-        model_type=getattr(model.config, "model_type", None),
-        remote_code=remote_code,
-    )
     card.save(out_dir / "README.md")
     logger.info("exported %s to %s (remote_code=%s)", type(model).__name__, out_dir, remote_code)
     return out_dir
