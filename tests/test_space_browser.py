@@ -1,7 +1,9 @@
 """Drive the Space in a real headless Chromium: upload, type, submit, find the annotated result.
 
-Needs Debian's `chromium` and `chromium-driver` (scripts/run_tests.sh installs them on CI); skipped
-only when they are not installed. The screenshot is kept as `test-artifacts/space.png`.
+Needs Debian's `chromium` and `chromium-driver` (scripts/run_tests.sh installs them). When they are
+not installed the test is skipped, with that reason, on a developer machine; under `CI=true` it
+fails instead, so a CI run can never pass without having driven the browser. The screenshot is kept
+as `test-artifacts/space.png`.
 """
 
 import importlib.util
@@ -22,14 +24,23 @@ ARTIFACT = REPO_ROOT / "test-artifacts" / "space.png"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 WAIT_S = 120  # bound on every wait for the page
+ON_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+MISSING = [name for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if path is None]
+MISSING_REASON = (f"{' and '.join(MISSING)} not found on PATH (install with: apt-get install chromium "
+                  "chromium-driver; scripts/run_tests.sh does this when run as root)")
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(
-        CHROMIUM is None or CHROMEDRIVER is None,
-        reason="Chromium and its driver are not installed (apt-get install chromium chromium-driver)",
-    ),
+    pytest.mark.skipif(bool(MISSING) and not ON_CI, reason=MISSING_REASON + "; under CI=true this test fails instead"),
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def require_browser():
+    """Under CI=true a missing browser is a failure, reported before any fixture is built
+    (session scope: set up before the session-scoped backbones). Applies to this module only."""
+    if MISSING:
+        pytest.fail(f"CI=true but the browser test cannot run: {MISSING_REASON}", pytrace=False)
 
 
 def free_port() -> int:

@@ -82,12 +82,12 @@ def split_counts(model, processor, samples, *, accelerator, batch_size=8, num_wo
                  threshold=None, output="logits", desc="eval") -> np.ndarray:
     """Gathered integer (index, intersection, union) rows, one per sample of `samples`, sorted by index.
 
-    Raises `RuntimeError` if the gathered rows do not cover every sample exactly once.
+    Raises `RuntimeError` unless the gathered rows are exactly samples 0 .. n-1, each once.
     """
     rows = predict_counts(model, processor, samples, accelerator=accelerator, batch_size=batch_size,
                           num_workers=num_workers, threshold=threshold, output=output, desc=desc)
     rows = gather_rows(rows, accelerator)
-    if len(rows) != len(samples) or len(np.unique(rows[:, 0])) != len(samples):
+    if not np.array_equal(rows[:, 0], np.arange(len(samples))):  # sorted: each index once, none outside
         raise RuntimeError(f"evaluation covered {len(np.unique(rows[:, 0]))} distinct of "
                            f"{len(samples)} samples ({len(rows)} rows)")
     return rows
