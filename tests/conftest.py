@@ -47,38 +47,120 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="session")
-def tiny_trained_risclip(tiny_backbones, tmp_path_factory):
-    """`(model, processor, folder)`: a tiny RISCLIP (64 px, 8x8 tokens) a few optimizer steps past
-    its initialisation in both stages, so no weight is at its initial value, saved to `folder`."""
+# ------------------------------------------------------------------ models that read the text
+TWO_REFERENT_SIZE = 64
+
+
+def make_two_referent_scenes(num_images=8, size=TWO_REFERENT_SIZE, seed=0):
+    """RefShapes-like scenes with two referents each: a red and a blue object (square or circle, the
+    shapes and the two diagonal corners they sit in drawn at random) on a random flat background.
+
+    Returns `[(image, [(expression, mask), (expression, mask)])]`, masks boolean (size, size). Which
+    object an expression names is visible only through the text: both colours are in every image.
+    """
     import numpy as np
+    from PIL import Image, ImageDraw
+
+    def draw(canvas, shape, box, fill):
+        (canvas.rectangle if shape == "square" else canvas.ellipse)(box, fill=fill)
+
+    rng = np.random.default_rng(seed)
+    side, scenes = size * 3 // 8, []
+    for _ in range(num_images):
+        image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(90, 160, 3)))
+        far = size - side - 8
+        corners = [(2, 2), (far, far)] if rng.random() < 0.5 else [(far, 2), (2, far)]
+        if rng.random() < 0.5:
+            corners.reverse()
+        shapes = rng.permutation(["square", "circle"])
+        referents = []
+        for (colour, rgb), (x, y), shape in zip((("red", (220, 30, 30)), ("blue", (30, 30, 220))), corners, shapes):
+            x, y = x + int(rng.integers(0, 6)), y + int(rng.integers(0, 6))
+            box = (x, y, x + side - 1, y + side - 1)
+            draw(ImageDraw.Draw(image), shape, box, rgb)
+            mask = Image.new("L", (size, size), 0)
+            draw(ImageDraw.Draw(mask), shape, box, 255)
+            referents.append((f"the {colour} {shape}", np.array(mask) > 0))
+        scenes.append((image, referents))
+    return scenes
+
+
+def scene_batch(processor, scenes, with_masks=True):
+    """Processor inputs pairing each scene's image with each of its expressions (row 2i + k)."""
+    images = [image for image, referents in scenes for _ in referents]
+    texts = [text for _, referents in scenes for text, _ in referents]
+    masks = [mask for _, referents in scenes for _, mask in referents] if with_masks else None
+    return processor(images=images, text=texts, masks=masks, return_tensors="pt")
+
+
+def train_on_scenes(method, backbones, scenes, *, first_stage_steps=80, later_stage_steps=30, learning_rate=3e-3,
+                    seed=0):
+    """A tiny `method` model (its `<method>-tiny` preset on the tiny backbones) trained on `scenes`
+    through every training stage of `refseg.training.METHODS[method]`, in eval mode at the end.
+
+    Built by the training script's own `build_model_and_processor`; the optimizer holds the method's
+    parameter groups where it has them (`MethodSpec.param_groups`).
+    """
+    from types import SimpleNamespace
+
     import torch
-    from PIL import Image
 
-    from refseg import RisclipModel, RisclipProcessor
+    from refseg.training import get_method
+    from refseg.training.modeling import build_model_and_processor
 
-    clip_dir = tiny_backbones["clip"]
-    torch.manual_seed(0)
-    model = RisclipModel.from_backbones(clip=clip_dir, image_size=64)
-    processor = RisclipProcessor.from_backbones(clip=clip_dir, image_size=64)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)) for _ in range(2)]
-    masks = [rng.random((40, 52)) > 0.5 for _ in range(2)]
-    batch = processor(images=images, text=["the red circle", "the blue square"], masks=masks, return_tensors="pt")
-    batch.pop("original_sizes")
-    for stage in ("locator", "refiner"):
-        model.set_training_stage(stage)
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        for _ in range(2):
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    model.eval()
-    folder = tmp_path_factory.mktemp("risclip-trained")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return model, processor, folder
+    spec = get_method(method)
+    args = SimpleNamespace(preset=f"{method}-tiny", model_name_or_path=None, config_overrides=None,
+                           **{name: str(backbones[name]) for name in spec.backbones})
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model, processor = build_model_and_processor(spec, args)
+        batch = scene_batch(processor, scenes)
+        batch.pop("original_sizes")
+        for i, stage in enumerate(spec.stages):
+            model.set_training_stage(stage)
+            model.train()
+            params = (spec.param_groups(model, learning_rate) if spec.param_groups
+                      else [p for p in model.parameters() if p.requires_grad])
+            optimizer = torch.optim.AdamW(params, lr=learning_rate)
+            for _ in range(first_stage_steps if i == 0 else later_stage_steps):
+                model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(previous)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def two_referent_scenes():
+    return make_two_referent_scenes()
+
+
+@pytest.fixture(scope="session")
+def trained_on_two_referents(tiny_backbones, two_referent_scenes, tmp_path_factory):
+    """`get(method) -> (model, processor, folder)`: `train_on_scenes` on the two-referent scenes, once
+    per method and session, saved to `folder` (`save_pretrained` of model and processor)."""
+    cache = {}
+
+    def get(method):
+        if method not in cache:
+            model, processor = train_on_scenes(method, tiny_backbones, two_referent_scenes)
+            folder = tmp_path_factory.mktemp(f"{method}-trained")
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            cache[method] = (model, processor, folder)
+        return cache[method]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_risclip(trained_on_two_referents):
+    """`(model, processor, folder)`: the tiny RISCLIP trained through both stages on the two-referent
+    scenes, so no weight is at its initial value and its masks follow the expression."""
+    return trained_on_two_referents("risclip")
 
 
 @pytest.fixture

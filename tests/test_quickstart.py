@@ -19,13 +19,13 @@ def test_quickstart_runs_every_step_and_prints_the_table(tmp_path, capsys):
     for split, metrics in results.items():
         assert 0 <= metrics["mIoU"] <= 1 and 1 <= metrics["num_samples"] <= 6
         assert f"{100 * metrics['mIoU']:.2f}" in out  # the printed table, in percent
-    assert json.loads((work / "model" / "eval_results.json").read_text()) == results
+    assert json.loads((work / "model" / "eval_results.json").read_text())["results"] == results
     assert (work / "model" / "model.safetensors").is_file()
     assert (work / "backbones" / "clip-pretrained" / "model.safetensors").is_file()
     # then val by kind of expression (every val sentence), printed and written next to the model
     assert "val by kind of expression" in out
     by_kind = json.loads((work / "model" / "eval_refshapes_by_kind.json").read_text())["val"]
-    full_val = json.loads((work / "model" / "eval_refshapes.json").read_text())["val"]
+    full_val = json.loads((work / "model" / "eval_refshapes.json").read_text())["results"]["val"]
     assert sum(m["num_samples"] for m in by_kind.values()) == full_val["num_samples"] >= metrics["num_samples"]
     for kind in by_kind:
         assert f"val {kind}" in out
