@@ -89,6 +89,19 @@ def test_outputs_match_model_and_processor(segmenter, reference, make_scene):
         assert 0.0 <= result["score"] <= 1.0
 
 
+def test_each_expression_gets_its_own_referent(segmenter, reference, two_referent_scenes):
+    """The fixture's model reads the text: one image, two expressions, two different objects."""
+    for image, referents in two_referent_scenes[:4]:
+        texts = [text for text, _ in referents]
+        results = segmenter(image, texts)
+        masks, *_ = expected(reference, image, texts)
+        for result, mask, (_, own), (_, other) in zip(results, masks, referents, referents[::-1]):
+            got = np.asarray(result["mask"]) > 127
+            assert (got == mask).mean() > 0.99
+            assert (got & own).sum() / (got | own).sum() > 0.35
+            assert (got & other).sum() / max((got | other).sum(), 1) < 0.15
+
+
 def test_single_expression_gives_a_one_element_list(segmenter, make_scene):
     results = segmenter(make_scene(), text="the red circle")
     assert len(results) == 1 and results[0]["text"] == "the red circle"

@@ -7,6 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -42,13 +43,9 @@ def app():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_backbones, tmp_path_factory):
-    from refseg import RisclipModel, RisclipProcessor
-
-    out = tmp_path_factory.mktemp("space-model")
-    RisclipModel.from_backbones(clip=tiny_backbones["clip"], image_size=64).save_pretrained(out)
-    RisclipProcessor.from_backbones(clip=tiny_backbones["clip"], image_size=64).save_pretrained(out)
-    return out
+def model_dir(tiny_trained_risclip):
+    """The tiny RISCLIP trained on two-referent scenes: its masks follow the expression."""
+    return tiny_trained_risclip[2]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +80,25 @@ def test_segment_endpoint_returns_one_mask_per_expression(server, refshapes_exam
         assert Image.open(annotation["image"]).size == size
     assert all(text in summary for text in texts)
     assert all(text in session for text in texts)
+
+
+def _mask_of(annotation_image):
+    """Gradio stores an annotation as an image whose alpha (or grey level) is the mask."""
+    band = annotation_image.getchannel("A") if "A" in annotation_image.getbands() else annotation_image.convert("L")
+    return np.array(band) > 127
+
+
+def test_each_expression_gets_its_own_referent_through_the_space(server, two_referent_scenes, tmp_path):
+    image, referents = two_referent_scenes[0]
+    image_path = tmp_path / "scene.png"
+    image.save(image_path)
+    texts = [text for text, _ in referents]
+    annotated, *_ = Client(server, verbose=False).predict(handle_file(str(image_path)), "\n".join(texts),
+                                                          api_name="/segment")
+    masks = [_mask_of(Image.open(a["image"])) for a in annotated["annotations"]]
+    for mask, (_, own), (_, other) in zip(masks, referents, referents[::-1]):
+        assert (mask & own).sum() / (mask | own).sum() > 0.35  # IoU with the named object
+        assert (mask & other).sum() / max((mask | other).sum(), 1) < 0.15
 
 
 def test_history_is_per_session(server, refshapes_example):
