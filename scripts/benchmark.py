@@ -9,7 +9,7 @@ reports, on this machine: a training step of each stage (forward + backward + Ad
 AdamW implementation of `--optimizer_implementations` (the per-tensor `for-loop`, PyTorch's CPU
 default, against `auto` = fused, what scripts/train.py uses) and its trainable parameter count,
 inference throughput, and peak resident memory (`ru_maxrss`). The
-tests assert no timing; the numbers are for the README and for comparing changes on one machine.
+tests assert no timing; the numbers are for docs/training.md and for comparing changes on one machine.
 `--config_overrides` sets config fields on top of the preset's, e.g. the quickstart's Refiner.
 """
 

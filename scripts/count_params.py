@@ -5,7 +5,7 @@ downloaded or allocated; the counts are those of the paper-scale architectures.
 
     python scripts/count_params.py                        # every preset
     python scripts/count_params.py risclip-b risclip-l    # some presets
-    python scripts/count_params.py --markdown             # a Markdown table (README, model cards)
+    python scripts/count_params.py --markdown             # a Markdown table (docs/<method>.md, model cards)
 """
 
 import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)

@@ -35,3 +35,15 @@ def test_quickstart_runs_every_step_and_prints_the_table(tmp_path, capsys):
     quickstart.main(argv)
     assert "reusing" in capsys.readouterr().out
     assert (work / "backbones" / "clip-pretrained" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_quickstart_says_how_many_steps_each_stage_runs():
+    import quickstart
+
+    config = quickstart.parse_args([]).config
+    assert config.endswith("quickstart.yaml")
+    assert quickstart.stage_plan(config, []) == "locator 1200 steps, refiner 400 steps"
+    assert quickstart.stage_plan(config, ["--stages", "locator:2,refiner:1", "--seed", "3"]) == (
+        "locator 2 steps, refiner 1 steps")
+    for method, name in quickstart.QUICKSTART_CONFIGS.items():
+        assert quickstart.parse_args(["--method", method]).config.endswith(name)

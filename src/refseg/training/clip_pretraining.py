@@ -3,7 +3,7 @@
 The quickstart cannot download a pretrained CLIP, and RISCLIP's Locator scores patch tokens against
 the expression's [EOS] token in CLIP's joint image-text space, which a random CLIP has not aligned.
 So before the quickstart trains RISCLIP (with CLIP frozen, as in the paper), it gives the tiny CLIP
-what real CLIP brings: image-text alignment (the README's Quickstart section says what it changes on
+what real CLIP brings: image-text alignment (docs/refshapes-notes.md says what it changes on
 RefShapes). Each pair is a crop around one object of a *training* image and the caption
 "a <colour> <shape>"; a batch holds distinct colour-shape pairs only, so CLIP's contrastive targets
 (`CLIPModel(..., return_loss=True)`) are never contradicted by duplicate captions. Pairs held out
