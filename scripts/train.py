@@ -92,7 +92,10 @@ def main(argv=None):
     sampler = ShardedEpochBatchSampler(len(train_samples), per_device_batch_size=args.per_device_train_batch_size,
                                        rank=accelerator.process_index, num_processes=accelerator.num_processes,
                                        seed=args.seed)
+    # Its own generator: creating an iterator (every epoch, and after a resume) draws the workers' base
+    # seed from it, never from the global RNG that dropout and augmentation use, so resume stays exact.
     loader = DataLoader(train_samples, batch_sampler=sampler, num_workers=data_args.dataloader_num_workers,
+                        generator=torch.Generator().manual_seed(args.seed),
                         collate_fn=ProcessorCollator(processor))
     updates_per_epoch = sampler.num_batches_per_epoch // args.gradient_accumulation_steps
     if updates_per_epoch < 1:
