@@ -15,6 +15,9 @@ Adding a method's presets: write its backbone-config builders (or reuse the CLIP
 | `risclip-b` | CLIP ViT-B/16 (`openai/clip-vit-base-patch16`) | 640 | 40x40 |
 | `risclip-l` | CLIP ViT-L/14 at 336 (`openai/clip-vit-large-patch14-336`) | 560 | 40x40 |
 | `risclip-tiny` | `refseg.backbones.tiny_clip_config()` (a folder from `save_tiny_backbones`) | 64 | 8x8 |
+| `cris-b` | CLIP ViT-B/16 (`openai/clip-vit-base-patch16`), fine-tuned | 416 | 26x26 |
+| `cris-l` | CLIP ViT-L/14 at 336 (`openai/clip-vit-large-patch14-336`), fine-tuned | 448 | 32x32 |
+| `cris-tiny` | `refseg.backbones.tiny_clip_config()` (a folder from `save_tiny_backbones`) | 64 | 8x8 |
 """
 
 from dataclasses import dataclass, field
@@ -106,6 +109,43 @@ PRESETS: dict = {
             "refiner_hidden_sizes": [16, 16, 8, 8],
         },
         description="RISCLIP on the tiny CLIP of refseg.backbones (64 wide, 4 layers, patch 8) at 64 px: "
+        "tests and the quickstart",
+        backbone_configs=lambda: {"clip_config": _tiny_clip_config()},
+    ),
+    "cris-b": Preset(
+        method="cris",
+        backbones={"clip": "openai/clip-vit-base-patch16"},
+        config_overrides={"image_size": 416},
+        description="CRIS on CLIP ViT-B/16 at 416 px (26x26 tokens; image layers 4, 8, 12 as the 1/8, 1/16, 1/32 "
+        "levels), neck 256/512/1024, 3-layer decoder, both towers fine-tuned",
+        backbone_configs=lambda: {"clip_config": clip_vit_b16_config()},
+    ),
+    "cris-l": Preset(
+        method="cris",
+        backbones={"clip": "openai/clip-vit-large-patch14-336"},
+        # 448 = 32 x 14 tokens (the paper's 416 is no multiple of 14): the 1/32 level pools exactly to
+        # 16x16 and the logits are 128x128. 420 (30x30), the multiple nearest 416, works as an override.
+        config_overrides={"image_size": 448},
+        description="CRIS on CLIP ViT-L/14 (OpenAI, 336 px pretraining) at 448 px (32x32 tokens; image layers "
+        "8, 16, 24), neck 256/512/1024, 3-layer decoder, both towers fine-tuned",
+        backbone_configs=lambda: {"clip_config": clip_vit_l14_336_config()},
+    ),
+    "cris-tiny": Preset(
+        method="cris",
+        backbones={},
+        config_overrides={
+            "image_size": 64,
+            "neck_hidden_sizes": [32, 64, 64],
+            "decoder_num_layers": 2,
+            "decoder_num_heads": 4,
+            "decoder_ffn_dim": 128,
+            "projector_hidden_size": 32,
+            # short runs (tests: 30 steps): no decoder dropout, BatchNorm statistics that follow the
+            # quickly changing features (at 0.1 / 0.1, eval-mode masks lag the trained ones)
+            "decoder_dropout": 0.0,
+            "batch_norm_momentum": 0.5,
+        },
+        description="CRIS on the tiny CLIP of refseg.backbones (64 wide, 4 layers, patch 8) at 64 px: "
         "tests and the quickstart",
         backbone_configs=lambda: {"clip_config": _tiny_clip_config()},
     ),

@@ -1,5 +1,6 @@
 """The four methods. Importing this package registers them with the transformers Auto classes."""
 
+from .cris import CrisConfig, CrisModel, CrisProcessor
 from .risclip import RisclipConfig, RisclipModel, RisclipProcessor
 
-__all__ = ["RisclipConfig", "RisclipModel", "RisclipProcessor"]
+__all__ = ["CrisConfig", "CrisModel", "CrisProcessor", "RisclipConfig", "RisclipModel", "RisclipProcessor"]

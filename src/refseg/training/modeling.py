@@ -59,7 +59,10 @@ def build_model_and_processor(spec, model_args):
         return model, processor
     sources, overrides = backbone_sources(spec, model_args)
     model = model_cls.from_backbones(**sources, **overrides)
-    processor = processor_cls.from_backbones(**sources, image_size=model.config.image_size)
+    # the processor follows the model config: its input size, and the fields it names (CRIS: word length, threshold)
+    settings = {"image_size": model.config.image_size}
+    settings.update({name: getattr(model.config, name) for name in getattr(processor_cls, "config_fields", ())})
+    processor = processor_cls.from_backbones(**sources, **settings)
     return model, processor
 
 

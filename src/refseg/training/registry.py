@@ -75,6 +75,17 @@ def _risclip_stage_epochs(num_epochs: int) -> dict:
     return {"locator": num_epochs, "refiner": 1}
 
 
+def _cris_param_groups(model, learning_rate: float) -> list:
+    # CRIS (Sec. 4.2 and its public code's `lr_multi`): the CLIP towers train at a fraction
+    # (`config.backbone_learning_rate_scale`, 0.1) of the base rate, the neck, decoder and projector at it.
+    # The heads come first: the training script logs the first group's rate.
+    return [
+        {"params": model.head_parameters(), "lr": learning_rate, "name": "heads"},
+        {"params": model.backbone_parameters(), "lr": learning_rate * model.config.backbone_learning_rate_scale,
+         "name": "backbone"},
+    ]
+
+
 METHODS = {
     "risclip": MethodSpec(
         name="risclip",
@@ -85,6 +96,14 @@ METHODS = {
         default_stage_epochs=_risclip_stage_epochs,
         # the Refiner is untrained (and frozen) while the Locator trains: judge stage 1 by its own map
         stage_outputs={"locator": "coarse_logits"},
+    ),
+    "cris": MethodSpec(
+        name="cris",
+        model_class="refseg.models.cris.CrisModel",
+        processor_class="refseg.models.cris.CrisProcessor",
+        backbones=("clip",),
+        stages=("default",),  # one stage: everything, CLIP included, end to end
+        param_groups=_cris_param_groups,
     ),
 }
 
