@@ -8,7 +8,11 @@ Builds the preset on a locally made tiny CLIP (or `--clip <folder>` for a real c
 reports, on this machine: a training step of each stage (forward + backward + AdamW) with each
 AdamW implementation of `--optimizer_implementations` (the per-tensor `for-loop`, PyTorch's CPU
 default, against `auto` = fused, what scripts/train.py uses) and its trainable parameter count,
-inference throughput, and peak resident memory (`ru_maxrss`). The
+inference throughput, the time of one image with 8 expressions over one image with 1 (a method
+that encodes the image once per image stays near 1; RISCLIP's PreFusion makes its image features
+depend on the text, so it pays about 8), the method's inference forward over its stock backbones'
+forward alone (`BACKBONE_FORWARDS`: the cost of what the method adds), and peak resident memory
+(`ru_maxrss`). The
 tests assert no timing; the numbers are for docs/training.md and for comparing changes on one machine.
 `--config_overrides` sets config fields on top of the preset's, e.g. the quickstart's Refiner.
 """
@@ -46,6 +50,16 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p.parse_args(argv)
+
+
+def _clip_forward(clip, inputs):
+    """The stock CLIP towers alone on the method's inputs (what any CLIP-based method runs at least)."""
+    clip.vision_model(pixel_values=inputs["pixel_values"], interpolate_pos_encoding=True)
+    clip.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+
+# backbone name (`model.backbone_attributes`) -> forward of that stock backbone alone
+BACKBONE_FORWARDS = {"clip": _clip_forward}
 
 
 def timed(fn, steps, warmup=3):
@@ -90,7 +104,8 @@ def main(argv=None):
         results[f"trainable_params[{stage}]"] = sum(p.numel() for p in trainable)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         for implementation in implementations:
-            optimizer = build_optimizer(trainable, learning_rate=1e-4, implementation=implementation)
+            params = spec.param_groups(model, 1e-4) if spec.param_groups else trainable
+            optimizer = build_optimizer(params, learning_rate=1e-4, implementation=implementation)
 
             def step():
                 model(**batch).loss.backward()
@@ -103,7 +118,18 @@ def main(argv=None):
     model.eval()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
-        results["inference_samples_per_s"] = args.batch_size / timed(lambda: model(**inputs), args.steps)
+        forward_s = timed(lambda: model(**inputs), args.steps)
+        results["inference_samples_per_s"] = args.batch_size / forward_s
+        backbones = {name: getattr(model, attr) for name, attr in model.backbone_attributes.items()}
+        backbone_s = timed(lambda: [BACKBONE_FORWARDS[name](module, inputs) for name, module in backbones.items()],
+                           args.steps)
+        results["ratio forward/backbones_forward"] = forward_s / backbone_s
+        texts = [f"the {c} shape" for c in ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")]
+        one, eight = (processor(images=images[0], text=texts[:n], return_tensors="pt") for n in (1, 8))
+        for encoded in (one, eight):
+            encoded.pop("original_sizes")
+        results["ratio 8_expressions/1_expression"] = (timed(lambda: model(**eight), args.steps)
+                                                      / timed(lambda: model(**one), args.steps))
     first, *rest = spec.stages
     if len(implementations) > 1:
         for stage in spec.stages:

@@ -66,3 +66,12 @@ def test_benchmark_times_each_optimizer_implementation(tiny_backbones):
             result[f"train_step_s[{stage}, fused]"] / result[f"train_step_s[{stage}, for-loop]"])
     with pytest.raises(ValueError, match="optimizer_implementations"):
         benchmark.main(["--optimizer_implementations", "apex"])
+
+
+@pytest.mark.parametrize("preset", ["risclip-tiny", "cris-tiny"])
+def test_benchmark_reports_the_backbone_and_expression_ratios(tiny_backbones, preset):
+    result = benchmark.main(["--preset", preset, "--clip", str(tiny_backbones["clip"]), "--image_size", "64",
+                             "--batch_size", "2", "--steps", "1", "--optimizer_implementations", "auto"])
+    assert result["ratio forward/backbones_forward"] > 1  # the method runs its backbones and more
+    assert result["ratio 8_expressions/1_expression"] > 0
+    assert all(result[f"train_step_s[{stage}]"] > 0 for stage in benchmark.get_method(preset.split("-")[0]).stages)
