@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.feature_extraction_utils import BatchFeature
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -325,6 +326,18 @@ class ReferringInputs:
     original_sizes: torch.Tensor  # (B, 2) long, (height, width)
 
 
+def load_clip_parts(clip, image_size: int, **loading) -> tuple:
+    """`(image_processor, tokenizer)` of a CLIP checkpoint, the image processor set to resize straight to
+    `image_size` x `image_size` with no centre crop (saved with the processor, so the folder alone
+    reproduces the resize). `loading`: `from_pretrained` arguments (`revision`, `cache_dir`, ...)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    image_processor = AutoImageProcessor.from_pretrained(clip, **loading)
+    image_processor.size = {"height": image_size, "width": image_size}
+    image_processor.do_center_crop = False
+    return image_processor, AutoTokenizer.from_pretrained(clip, **loading)
+
+
 class ReferringSegmentationProcessorMixin:
     """Shared behaviour of refseg processors.
 
@@ -354,6 +367,33 @@ class ReferringSegmentationProcessorMixin:
         # Convenience only: concurrent callers should pass `target_sizes` explicitly.
         self._last_original_sizes = sizes
         return ReferringInputs(paired_images, texts, indices, loaded_masks, sizes)
+
+    def encode_square_pairs(self, inputs: ReferringInputs, return_tensors=None, **tokenizer_kwargs):
+        """`BatchFeature` of CLIP-style pairs: each distinct image resized to `self.image_size` squared and
+        normalised once (rows repeat it for its expressions), the texts tokenised with `tokenizer_kwargs`.
+
+        Keys: `pixel_values` (B, 3, S, S), `input_ids` / `attention_mask` (B, T), `original_sizes` (B, 2)
+        (height, width), and `labels` (B, S, S) float 0/1 when `inputs.masks` is set.
+        """
+        first = {}
+        for pair, index in enumerate(inputs.image_indices):
+            first.setdefault(index, pair)
+        unique = [inputs.images[pair] for pair in first.values()]
+        pixel_values = self.image_processor(
+            unique, do_resize=True, size={"height": self.image_size, "width": self.image_size},
+            do_center_crop=False, return_tensors="pt",
+        )["pixel_values"]
+        rows = torch.tensor([list(first).index(i) for i in inputs.image_indices], dtype=torch.long)
+        encoded = self.tokenizer(inputs.texts, return_tensors="pt", **tokenizer_kwargs)
+        data = {
+            "pixel_values": pixel_values[rows],
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "original_sizes": inputs.original_sizes,
+        }
+        if inputs.masks is not None:
+            data["labels"] = resize_masks_to_input(inputs.masks, self.image_size)
+        return BatchFeature(data=data, tensor_type=return_tensors)
 
     def post_process_referring_segmentation(
         self,
@@ -390,7 +430,8 @@ class ReferringSegmentationProcessorMixin:
 
 
 __all__ = [
-    "ReferringInputs", "ReferringSegmentationProcessorMixin", "get_original_sizes", "load_image", "load_mask",
+    "ReferringInputs", "ReferringSegmentationProcessorMixin", "get_original_sizes", "load_clip_parts", "load_image",
+    "load_mask",
     "pair_images_and_texts", "post_process_masks", "resize_longest_side_shape", "resize_masks_to_input",
     "validate_masks", "validate_text",
 ]  # fmt: skip

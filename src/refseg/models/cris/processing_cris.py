@@ -2,11 +2,10 @@
 
 from typing import Optional
 
-import torch
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, ProcessorMixin
+from transformers import CLIPConfig, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
-from ...processing_utils import ReferringSegmentationProcessorMixin, resize_masks_to_input
+from ...processing_utils import ReferringSegmentationProcessorMixin, load_clip_parts
 from .configuration_cris import MIN_WORD_LENGTH, PAPER_GRID
 
 
@@ -74,11 +73,7 @@ class CrisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
         """
         if image_size is None:
             image_size = PAPER_GRID * int(CLIPConfig.from_pretrained(clip, **loading).vision_config.patch_size)
-        image_processor = AutoImageProcessor.from_pretrained(clip, **loading)
-        # Saved with the processor, so the folder alone reproduces the resize.
-        image_processor.size = {"height": image_size, "width": image_size}
-        image_processor.do_center_crop = False
-        tokenizer = AutoTokenizer.from_pretrained(clip, **loading)
+        image_processor, tokenizer = load_clip_parts(clip, image_size, **loading)
         return cls(image_processor=image_processor, tokenizer=tokenizer, image_size=image_size,
                    word_length=word_length, threshold=threshold)
 
@@ -99,29 +94,11 @@ class CrisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
             given; S = `image_size`, B = number of pairs.
         """
         inputs = self.prepare_referring_inputs(images, text, masks)
-        first = {}
-        for pair, index in enumerate(inputs.image_indices):
-            first.setdefault(index, pair)
-        unique = [inputs.images[pair] for pair in first.values()]
-        pixel_values = self.image_processor(
-            unique, do_resize=True, size={"height": self.image_size, "width": self.image_size},
-            do_center_crop=False, return_tensors="pt",
-        )["pixel_values"]
-        rows = torch.tensor([list(first).index(i) for i in inputs.image_indices], dtype=torch.long)
         for name in ("padding", "truncation", "max_length"):
             if name in kwargs:
                 raise ValueError(f"`{name}` is fixed by the processor's `word_length` ({self.word_length})")
-        encoded = self.tokenizer(inputs.texts, padding="max_length", truncation=True, max_length=self.word_length,
-                                 return_tensors="pt", **kwargs)
-        data = {
-            "pixel_values": pixel_values[rows],
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            "original_sizes": inputs.original_sizes,
-        }
-        if inputs.masks is not None:
-            data["labels"] = resize_masks_to_input(inputs.masks, self.image_size)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return self.encode_square_pairs(inputs, return_tensors, padding="max_length", truncation=True,
+                                        max_length=self.word_length, **kwargs)
 
     @property
     def model_input_names(self) -> list:

@@ -2,11 +2,10 @@
 
 from typing import Optional
 
-import torch
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, ProcessorMixin
+from transformers import CLIPConfig, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
-from ...processing_utils import ReferringSegmentationProcessorMixin, resize_masks_to_input
+from ...processing_utils import ReferringSegmentationProcessorMixin, load_clip_parts
 from .configuration_risclip import PAPER_GRID
 
 
@@ -62,11 +61,7 @@ class RisclipProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
         """
         if image_size is None:
             image_size = PAPER_GRID * int(CLIPConfig.from_pretrained(clip, **loading).vision_config.patch_size)
-        image_processor = AutoImageProcessor.from_pretrained(clip, **loading)
-        # Saved with the processor, so the folder alone reproduces the resize.
-        image_processor.size = {"height": image_size, "width": image_size}
-        image_processor.do_center_crop = False
-        tokenizer = AutoTokenizer.from_pretrained(clip, **loading)
+        image_processor, tokenizer = load_clip_parts(clip, image_size, **loading)
         return cls(image_processor=image_processor, tokenizer=tokenizer, image_size=image_size, threshold=threshold)
 
     def __call__(self, images=None, text=None, masks=None, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
@@ -86,30 +81,9 @@ class RisclipProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
             given; S = `image_size`, B = number of pairs.
         """
         inputs = self.prepare_referring_inputs(images, text, masks)
-        first = {}
-        for pair, index in enumerate(inputs.image_indices):
-            first.setdefault(index, pair)
-        unique = [inputs.images[pair] for pair in first.values()]
-        pixel_values = self.image_processor(
-            unique,
-            do_resize=True,
-            size={"height": self.image_size, "width": self.image_size},
-            do_center_crop=False,
-            return_tensors="pt",
-        )["pixel_values"]
-        rows = torch.tensor([list(first).index(i) for i in inputs.image_indices], dtype=torch.long)
         kwargs.setdefault("padding", True)
         kwargs.setdefault("truncation", True)
-        encoded = self.tokenizer(inputs.texts, return_tensors="pt", **kwargs)
-        data = {
-            "pixel_values": pixel_values[rows],
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            "original_sizes": inputs.original_sizes,
-        }
-        if inputs.masks is not None:
-            data["labels"] = resize_masks_to_input(inputs.masks, self.image_size)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return self.encode_square_pairs(inputs, return_tensors, **kwargs)
 
     @property
     def model_input_names(self) -> list:
