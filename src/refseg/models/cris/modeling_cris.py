@@ -12,12 +12,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel, PreTrainedModel
-from transformers import initialization as init
+from transformers import CLIPModel
 
 from ...adapters.model_mixin import AdaptedModelMixin
 from ...losses import bce_loss
 from ...modeling_outputs import ReferringSegmentationOutput
+from ...modeling_utils import ReferringSegmentationPreTrainedModel
 from .configuration_cris import TRAINING_STAGES, CrisConfig
 from .modeling_cris_heads import CrisDecoder, CrisNeck, CrisProjector
 
@@ -50,7 +50,7 @@ def unique_rows(pixel_values: torch.Tensor):
     return torch.tensor(representatives, device=device), torch.tensor(inverse, device=device)
 
 
-class CrisPreTrainedModel(PreTrainedModel):
+class CrisPreTrainedModel(ReferringSegmentationPreTrainedModel):
     """Weight initialisation and loading plumbing shared by CRIS models.
 
     `_init_weights` initialises CRIS's own modules; the CLIP sub-model's modules go to CLIP's own
@@ -61,41 +61,7 @@ class CrisPreTrainedModel(PreTrainedModel):
     config_class = CrisConfig
     config: CrisConfig
     base_model_prefix = "cris"
-    main_input_name = "pixel_values"
-    input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPVisionEmbeddings", "CLIPEncoderLayer", "CrisDecoderLayer"]
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        if isinstance(module, nn.Conv2d):
-            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-            init.zeros_(module.running_mean)
-            init.ones_(module.running_var)
-            init.zeros_(module.num_batches_tracked)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, std=self.config.initializer_range)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then the training stage is re-applied (loading replaces
-        parameters, which resets their `requires_grad`)."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        if hasattr(model, "set_training_stage"):
-            model.set_training_stage(model.config.training_stage)
-        return loaded
 
 
 class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel, PreTrainedModel
+from transformers import CLIPModel
 from transformers.masking_utils import create_causal_mask
 
 from ...adapters.config import CLIP_ENCODER_LAYERS, BottleneckAdapterConfig
@@ -23,6 +23,7 @@ from ...adapters.layers import encoder_layer_forward
 from ...adapters.model_mixin import AdaptedModelMixin
 from ...losses import dice_loss, sigmoid_focal_loss
 from ...modeling_outputs import ReferringSegmentationOutput
+from ...modeling_utils import ReferringSegmentationPreTrainedModel
 from .configuration_risclip import TRAINING_STAGES, RisclipConfig
 from .modeling_risclip_heads import RisclipLocator, RisclipRefiner
 
@@ -37,22 +38,20 @@ logger = logging.getLogger(__name__)
 _LOADING_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "dtype", "attn_implementation", "device_map")
 
 
-class RisclipPreTrainedModel(PreTrainedModel):
+class RisclipPreTrainedModel(ReferringSegmentationPreTrainedModel):
     """Weight initialisation and the loading plumbing shared by RISCLIP models.
 
     `_init_weights` initialises only what RISCLIP adds (adapters, fusion, Locator, Refiner) and never
     touches CLIP's modules: `initialize_weights` (`refseg.adapters.initialize_weights_with_adapters`)
     routes the adapter modules found inside the CLIP tree to this class's `_init_weights` and the
     wrapped stock modules (`base_layer`) to CLIP's own, which skips anything loaded from a checkpoint.
+    Adapters, fusion blocks and the Locator take their own initial values; the Refiner's convolutions
+    and norms those of `ReferringSegmentationPreTrainedModel`.
     """
 
     config_class = RisclipConfig
     config: RisclipConfig
     base_model_prefix = "risclip"
-    main_input_name = "pixel_values"
-    input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
     _no_split_modules = [
         "CLIPTextEmbeddings", "CLIPVisionEmbeddings", "CLIPEncoderLayer", "AdaptedEncoderLayer",
         "PreFusionAdapter", "PostFusionLayer",
@@ -64,33 +63,8 @@ class RisclipPreTrainedModel(PreTrainedModel):
             return
         if isinstance(module, RisclipLocator):
             module.reset_parameters()
-        elif isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-            nn.init.zeros_(module.running_mean)
-            nn.init.ones_(module.running_var)
-            nn.init.zeros_(module.num_batches_tracked)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=self.config.initializer_range)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then the saved training stage is re-applied (loading
-        replaces parameters, which resets their `requires_grad`)."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        if hasattr(model, "set_training_stage"):
-            model.set_training_stage(model.config.training_stage)
-        return loaded
+        else:
+            super()._init_weights(module)
 
     def initialize_weights(self):
         initialize_weights_with_adapters(self)
