@@ -20,6 +20,7 @@ from PIL import Image  # noqa: E402
 
 from refseg.data import load_refs_pickle  # noqa: E402
 from refseg.hub.space import render_space_readme  # noqa: E402
+from refseg.training import METHODS  # noqa: E402
 
 SPACE_DIR = Path(__file__).resolve().parents[1] / "spaces" / "refseg-demo"
 
@@ -172,3 +173,18 @@ def test_app_imports_only_refseg_gradio_pil_numpy():
         elif isinstance(node, ast.ImportFrom) and node.module:
             modules.add(node.module.split(".")[0])
     assert modules - set(sys.stdlib_module_names) == {"refseg", "gradio", "PIL", "numpy"}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_space_serves_every_method_unchanged(app, method, trained_on_two_referents, two_referent_scenes):
+    """The Space's own loading and segmenting code on each method's trained tiny model folder."""
+    folder = trained_on_two_referents(method)[2]
+    segmenter = app.load_segmenter(str(folder))
+    image, referents = two_referent_scenes[1]
+    (shown, annotations), summary, history = app.segment_image(segmenter, image, "\n".join(t for t, _ in referents))
+    assert shown.size == image.size and len(annotations) == len(history) == 2
+    for (mask, label), (text, own), (_, other) in zip(annotations, referents, referents[::-1]):
+        assert label.startswith(text) and text in summary
+        mask = mask > 0.5
+        assert (mask & own).sum() / (mask | own).sum() > 0.35
+        assert (mask & other).sum() / max((mask | other).sum(), 1) < 0.15
