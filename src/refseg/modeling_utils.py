@@ -5,10 +5,15 @@ A method's `XxxPreTrainedModel` subclasses `ReferringSegmentationPreTrainedModel
 modules of its own that need other values, and defers to this one for the rest.
 """
 
+from typing import Optional
+
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import CLIPModel, PreTrainedModel
 from transformers import initialization as init
+
+# Loading keyword arguments `from_backbones` hands to the backbones' `from_pretrained`.
+LOADING_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "dtype", "attn_implementation", "device_map")
 
 
 class ReferringSegmentationPreTrainedModel(PreTrainedModel):
@@ -47,6 +52,26 @@ class ReferringSegmentationPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
 
     @classmethod
+    def _from_clip(cls, clip, **overrides):
+        """`cls(config, clip_model=...)` on `CLIPModel.from_pretrained(clip)`: `overrides` are config fields,
+        except `LOADING_KWARGS`, which go to `from_pretrained`. The loaded CLIP's attention implementation
+        becomes the config's (and so its sub-configs')."""
+        loading = {k: overrides.pop(k) for k in LOADING_KWARGS if k in overrides}
+        clip_model = CLIPModel.from_pretrained(clip, **loading)
+        attn_implementation = clip_model.config._attn_implementation
+        config = cls.config_class(clip_config=clip_model.config, **overrides)
+        config._attn_implementation = attn_implementation  # sets it on the CLIP sub-configs too
+        return cls(config, clip_model=clip_model)
+
+    def _stock_clip(self, clip_model: Optional[CLIPModel] = None) -> CLIPModel:
+        """`clip_model` (loaded by `from_backbones`), or a randomly initialised stock `CLIPModel` of
+        `config.clip_config`."""
+        clip_config = self.config.clip_config
+        if clip_config._attn_implementation is None:  # building a config resets sub-configs' choice
+            clip_config._attn_implementation = self.config._attn_implementation
+        return clip_model if clip_model is not None else CLIPModel._from_config(clip_config)
+
+    @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, then the saved training stage is re-applied (loading
         replaces parameters, which resets their `requires_grad`)."""
@@ -57,4 +82,4 @@ class ReferringSegmentationPreTrainedModel(PreTrainedModel):
         return loaded
 
 
-__all__ = ["ReferringSegmentationPreTrainedModel"]
+__all__ = ["LOADING_KWARGS", "ReferringSegmentationPreTrainedModel"]

@@ -23,8 +23,6 @@ from .modeling_cris_heads import CrisDecoder, CrisNeck, CrisProjector
 
 logger = logging.getLogger(__name__)
 
-# Loading keyword arguments `from_backbones` hands to `CLIPModel.from_pretrained`.
-_LOADING_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "dtype", "attn_implementation", "device_map")
 # CLIP parameters CRIS never uses: frozen so that they are not counted (or held by the optimizer) as trained.
 _UNUSED_CLIP_PARAMETERS = ("logit_scale",)
 
@@ -107,10 +105,8 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
     def __init__(self, config: CrisConfig, clip_model: Optional[CLIPModel] = None):
         super().__init__(config)
         clip_config = config.clip_config
-        if clip_config._attn_implementation is None:  # building a config resets sub-configs' choice
-            clip_config._attn_implementation = config._attn_implementation
         # 1. the stock CLIP (loaded by `from_backbones`, random otherwise)
-        self.clip = clip_model if clip_model is not None else CLIPModel._from_config(clip_config)
+        self.clip = self._stock_clip(clip_model)
         vision_width = clip_config.vision_config.hidden_size
         text_width = clip_config.text_config.hidden_size
         projection_dim = clip_config.projection_dim
@@ -137,12 +133,7 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
                 `attn_implementation`, `device_map`). `image_size` defaults to 26 x the patch size (416 for
                 ViT-B/16).
         """
-        loading = {k: overrides.pop(k) for k in _LOADING_KWARGS if k in overrides}
-        clip_model = CLIPModel.from_pretrained(clip, **loading)
-        attn_implementation = clip_model.config._attn_implementation
-        config = CrisConfig(clip_config=clip_model.config, **overrides)
-        config._attn_implementation = attn_implementation  # sets it on the CLIP sub-configs too
-        return cls(config, clip_model=clip_model)
+        return cls._from_clip(clip, **overrides)
 
     # ----------------------------------------------------------------- the one stage
     def set_training_stage(self, stage: str) -> None:

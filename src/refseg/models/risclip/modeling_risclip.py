@@ -6,6 +6,7 @@ the stock `transformers.CLIPModel` (`model.clip`); everything RISCLIP adds goes 
 sit between the last paired layers, PostFusion layers follow the final projections.
 """
 
+import inspect
 import logging
 from typing import Optional
 
@@ -14,6 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel
 from transformers.masking_utils import create_causal_mask
+
+# transformers 5.24 renamed `create_causal_mask`'s `past_key_values` to `cache` (the old name warns and
+# goes in 5.40); earlier 5.x releases know only the old name.
+_NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
 
 from ...adapters.config import CLIP_ENCODER_LAYERS, BottleneckAdapterConfig
 from ...adapters.fusion import PostFusionLayer, PreFusionAdapter
@@ -34,8 +39,6 @@ except ImportError:  # pragma: no cover - exercised only without peft
 
 logger = logging.getLogger(__name__)
 
-# Loading keyword arguments `from_backbones` hands to `CLIPModel.from_pretrained`.
-_LOADING_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "dtype", "attn_implementation", "device_map")
 
 
 class RisclipPreTrainedModel(ReferringSegmentationPreTrainedModel):
@@ -112,10 +115,8 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
     def __init__(self, config: RisclipConfig, clip_model: Optional[CLIPModel] = None):
         super().__init__(config)
         clip_config = config.clip_config
-        if clip_config._attn_implementation is None:  # building a config resets sub-configs' choice
-            clip_config._attn_implementation = config._attn_implementation
         # 1. the stock CLIP (loaded by `from_backbones`, random otherwise)
-        self.clip = clip_model if clip_model is not None else CLIPModel._from_config(clip_config)
+        self.clip = self._stock_clip(clip_model)
         vision_cfg, text_cfg = clip_config.vision_config, clip_config.text_config
         # 2. Backbone Adapters in the chosen layers of both towers
         adapter_config = self._backbone_adapter_config(config)
@@ -187,12 +188,7 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
                 `local_files_only`, `attn_implementation`, `device_map`). `image_size` defaults to
                 40 x the patch size (the paper's 40x40 grid: 640 for ViT-B/16, 560 for ViT-L/14).
         """
-        loading = {k: overrides.pop(k) for k in _LOADING_KWARGS if k in overrides}
-        clip_model = CLIPModel.from_pretrained(clip, **loading)
-        attn_implementation = clip_model.config._attn_implementation
-        config = RisclipConfig(clip_config=clip_model.config, **overrides)
-        config._attn_implementation = attn_implementation  # sets it on the CLIP sub-configs too
-        return cls(config, clip_model=clip_model)
+        return cls._from_clip(clip, **overrides)
 
     # ----------------------------------------------------------------- stages and trainable weights
     def _stage_modules(self, stage: str) -> list:
@@ -243,7 +239,7 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
             features[0] = h_v
         h_t = text.embeddings(input_ids=input_ids)
         causal_mask = create_causal_mask(
-            config=text.config, inputs_embeds=h_t, attention_mask=attention_mask, past_key_values=None
+            config=text.config, inputs_embeds=h_t, attention_mask=attention_mask, **_NO_CACHE
         )
 
         def run_vision(i, h):
