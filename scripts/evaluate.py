@@ -29,7 +29,7 @@ from transformers import AutoModel, AutoProcessor
 
 import refseg  # noqa: F401  (registers the models with the Auto classes)
 from refseg.data.refshapes import EXPRESSION_KINDS, expression_kind
-from refseg.metrics import summarize_counts
+from refseg.metrics import PRECISION_COMPARISONS, summarize_counts
 from refseg.training.data import load_eval_splits, resolve_split_by
 from refseg.training.evaluation import format_results_table, split_counts, summarize_by_group, write_eval_results
 
@@ -48,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--threshold", type=float, default=None, help="default: the model config's")
+    p.add_argument("--precision_comparison", default=">", choices=PRECISION_COMPARISONS,
+                   help="a sample counts for precision@X when its IoU is > X (default) or >= X (LAVT's code)")
+    p.add_argument("--empty_iou", type=int, default=1, choices=(0, 1),
+                   help="IoU of a sample whose prediction and target are both empty (1, default; CRIS/LAVT code: 0)")
     p.add_argument("--max_samples", type=int, default=None, help="first N sentences per split")
     p.add_argument("--mixed_precision", default=None)
     p.add_argument("--output", default=None, help="JSON file for the metrics")
@@ -76,10 +80,11 @@ def main(argv=None):
         rows = split_counts(model, processor, samples, accelerator=accelerator, batch_size=args.batch_size,
                             num_workers=args.num_workers, threshold=args.threshold, output=SCORED_OUTPUT,
                             desc=f"eval {name}")
-        results[name] = summarize_counts(rows[:, 1:])
+        conventions = {"precision_comparison": args.precision_comparison, "empty_iou": args.empty_iou}
+        results[name] = summarize_counts(rows[:, 1:], **conventions)
         if args.by_kind:
             kinds = [expression_kind(sentence) for sentence in samples.dataset["sentence"]]
-            by_kind[name] = summarize_by_group(rows, kinds, order=EXPRESSION_KINDS)
+            by_kind[name] = summarize_by_group(rows, kinds, order=EXPRESSION_KINDS, **conventions)
     if accelerator.is_main_process:
         print(f"{args.model} on {args.dataset}:")
         print(format_results_table(results))

@@ -109,3 +109,26 @@ def test_evaluate_py_writes_a_record_push_to_hub_reads(trained_run, refshapes_ro
     card = ModelCard.load(tmp_path / "export" / "README.md")
     assert _measured(card)[0] == "RefShapes (synthetic, generated with refseg)"
     assert {r.dataset_split for r in card.data.eval_results} == {"val"}
+
+
+def test_evaluate_py_passes_the_metric_conventions(trained_on_two_referents, refshapes_root, tmp_path, monkeypatch):
+    """`--precision_comparison` and `--empty_iou` reach the metric, for the splits and the by-kind table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("refseg_evaluate_conventions", SCRIPTS / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = []
+    original = script.summarize_counts
+
+    def recording(counts, *args, **kwargs):
+        seen.append(kwargs)
+        return original(counts, *args, **kwargs)
+
+    monkeypatch.setattr(script, "summarize_counts", recording)
+    folder = trained_on_two_referents("risclip")[2]
+    script.main(["--model", str(folder), "--data_root", str(refshapes_root), "--split", "val", "--max_samples", "4",
+                 "--precision_comparison", ">=", "--empty_iou", "0", "--output", str(tmp_path / "eval.json")])
+    assert seen == [{"precision_comparison": ">=", "empty_iou": 0}]
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model", "m", "--empty_iou", "2"])

@@ -101,11 +101,12 @@ def evaluate_split(model, processor, samples, *, accelerator, batch_size=8, num_
     return summarize_counts(rows[:, 1:])
 
 
-def summarize_by_group(rows: np.ndarray, labels, order=None) -> dict:
+def summarize_by_group(rows: np.ndarray, labels, order=None, **conventions) -> dict:
     """`{label: metrics}` of the (index, I, U) `rows` grouped by `labels[index]`.
 
     `labels` holds one label per sample index; groups come in `order` (labels absent from the rows
-    are skipped), then any other label in sorted order.
+    are skipped), then any other label in sorted order. `conventions` (`precision_comparison`,
+    `empty_iou`) go to `refseg.metrics.summarize_counts`.
     """
     rows = np.asarray(rows)
     if len(rows) and rows[:, 0].max() >= len(labels):
@@ -114,7 +115,7 @@ def summarize_by_group(rows: np.ndarray, labels, order=None) -> dict:
     present = set(row_labels.tolist())
     ordered = [g for g in (order or ()) if g in present]
     ordered += sorted(present - set(ordered))
-    return {g: summarize_counts(rows[row_labels == g, 1:]) for g in ordered}
+    return {g: summarize_counts(rows[row_labels == g, 1:], **conventions) for g in ordered}
 
 
 METRIC_COLUMNS = ("oIoU", "mIoU", "precision@0.5", "precision@0.6", "precision@0.7",
