@@ -181,3 +181,22 @@ def test_every_process_writes_into_the_same_folder_between_barriers(tmp_path):
     assert results == {0: final, 1: final}
     assert sorted(p.name for p in final.iterdir()) == ["rng_state_0.json", "rng_state_1.json", STATE_FILE]
     assert not temporary_checkpoint_dir(tmp_path, 5).exists()
+
+
+def test_saving_a_step_again_puts_the_new_copy_in_place_before_deleting_the_old(tmp_path, monkeypatch):
+    """A crash while the old copy of `checkpoint-N` is being deleted leaves the new one in place."""
+    from refseg.training import checkpointing
+
+    def write(tag):
+        return lambda folder: (folder / "weights.txt").write_text(tag)
+
+    save_checkpoint(tmp_path, 4, write("old"))
+
+    def crash(path, *args, **kwargs):
+        raise OSError(f"killed while deleting {path}")
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", crash)
+    with pytest.raises(OSError, match="killed"):
+        save_checkpoint(tmp_path, 4, write("new"))
+    assert (tmp_path / "checkpoint-4" / "weights.txt").read_text() == "new"
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"

@@ -95,9 +95,15 @@ def save_checkpoint(output_dir, step: int, write_files: Callable[[Path], None], 
             json.dump(state or {"global_step": step}, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        stale = None
+        if final.exists():  # the same step saved again: move the old copy aside (a rename), then delete it
+            stale = output_dir / f".stale-checkpoint-{step}"
+            if stale.exists():
+                shutil.rmtree(stale)
+            os.replace(final, stale)
         os.replace(tmp, final)
+        if stale is not None:
+            shutil.rmtree(stale)
     wait()
     return final
 
