@@ -47,6 +47,18 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
+def randomise_parameters(module, seed=0, std=0.5):
+    """Every parameter of `module` drawn from N(0, std^2) (seeded): adapters and fusion blocks start with
+    zero branches, so a test of the equations must move them off their initial values first."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return module
+
+
 # ------------------------------------------------------------------ models that read the text
 TWO_REFERENT_SIZE = 64
 

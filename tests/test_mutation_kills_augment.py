@@ -12,16 +12,7 @@ from PIL import Image
 
 from refseg.data import AffineParams, RandomAffineSaturation
 
-RED = (220, 30, 30)
-
-
-def square_scene(width=40, height=32, box=(10, 8, 22, 18)):
-    image = np.full((height, width, 3), 120, np.uint8)
-    mask = np.zeros((height, width), np.uint8)
-    x0, y0, x1, y1 = box
-    image[y0:y1, x0:x1] = RED
-    mask[y0:y1, x0:x1] = 255
-    return Image.fromarray(image), Image.fromarray(mask, mode="L")
+from test_augment import RED, square_scene
 
 
 def test_call_with_p_one_transforms_the_pair():

@@ -14,13 +14,7 @@ import torch
 
 from refseg.adapters.fusion import FusionAttention, PostFusionLayer, PreFusionAdapter
 
-
-def _randomise(module, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    return module
+from conftest import randomise_parameters as _randomise
 
 
 def _reference_attention(attn, queries, keys, mask=None):

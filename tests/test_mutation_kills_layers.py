@@ -11,15 +11,13 @@ from transformers import CLIPConfig, CLIPModel
 from refseg.adapters.config import BottleneckAdapterConfig
 from refseg.adapters.layers import AdaptedEncoderLayer, BottleneckAdapter
 
+from conftest import randomise_parameters
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randomise(module, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    return module
+    return randomise_parameters(module, seed=seed, std=0.3)
 
 
 def stock_layer():
