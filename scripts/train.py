@@ -10,7 +10,9 @@ trains in (RISCLIP: `locator`, then `refiner`).
 
 import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
 
+import faulthandler
 import logging
+import signal
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -215,4 +217,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack: where a stuck job waits
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     main()

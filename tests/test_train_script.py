@@ -3,12 +3,17 @@
 Each run trains the tiny RISCLIP for a handful of steps on the session's RefShapes set.
 """
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -36,10 +41,34 @@ def _common_args(tiny_backbones, refshapes_root, output_dir, **overrides):
 
 
 def _run(cmd, env_extra=None, timeout=300):
+    """Run ``cmd``; on a timeout make every process of its tree print its stacks (train.py dumps them
+    on SIGUSR1), kill the tree and fail with the end of what it printed, so a hang in CI is
+    diagnosable. torch's launcher starts each worker in a session of its own: kill them by pid."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        for p in tree:
+            with contextlib.suppress(psutil.Error):  # a process may end meanwhile
+                if any(str(TRAIN) in a for a in p.cmdline()):
+                    p.send_signal(signal.SIGUSR1)
+                    time.sleep(1.5)  # one worker at a time: their stacks do not interleave
+        for p in [psutil.Process(proc.pid), *tree]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd[:8]))} ...\n{stdout[-3000:]}\n"
+                    f"{stderr[-12000:]}")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _weights(folder):
@@ -119,10 +148,14 @@ def test_two_processes_match_one_process(tiny_backbones, refshapes_root, tmp_pat
     common = dict(stages="locator:3", max_eval_samples=15, eval_splits="val,testA", learning_rate=0.1,
                   adam_epsilon=1.0)  # updates linear in the gradient: see the accumulation test
     _run([sys.executable, str(TRAIN), *_common_args(tiny_backbones, refshapes_root, one, **common)])
+    # Loopback only, on a free port: gloo otherwise binds to the address the host name resolves to,
+    # which on a sandboxed machine need not be reachable (the workers then wait for each other forever).
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+          "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
           str(TRAIN), *_common_args(tiny_backbones, refshapes_root, two, per_device_train_batch_size=2, **common)],
-         env_extra={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+         env_extra={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+                    "MASTER_ADDR": "127.0.0.1"})
     r1 = json.loads((one / "eval_results.json").read_text())["results"]
     r2 = json.loads((two / "eval_results.json").read_text())["results"]
     from refseg.data import explode_sentences, load_refer
