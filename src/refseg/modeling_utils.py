@@ -5,6 +5,7 @@ A method's `XxxPreTrainedModel` subclasses `ReferringSegmentationPreTrainedModel
 modules of its own that need other values, and defers to this one for the rest.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -16,10 +17,55 @@ from transformers import initialization as init
 LOADING_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "dtype", "attn_implementation", "device_map")
 
 
+def unique_rows(pixel_values: torch.Tensor):
+    """`(representatives, inverse)`: indices of the first row of each distinct image in `pixel_values` (B, ...)
+    and, per row, the position of its image among them (B,), so `pixel_values[representatives][inverse]`
+    equals `pixel_values`. Rows are compared exactly; a cheap per-row fingerprint (one host sync) picks the
+    candidates, so distinct images cost no pairwise comparison."""
+    batch = pixel_values.shape[0]
+    flat = pixel_values.detach().reshape(batch, -1).float()
+    weights = torch.linspace(1.0, 2.0, flat.shape[1], device=flat.device)
+    fingerprints = torch.stack([flat.sum(1), (flat * weights).sum(1)], dim=1).tolist()
+    representatives, inverse, seen = [], [], {}
+    for row, key in enumerate(map(tuple, fingerprints)):
+        match = next((g for g in seen.get(key, ()) if torch.equal(flat[row], flat[representatives[g]])), None)
+        if match is None:
+            match = len(representatives)
+            representatives.append(row)
+            seen.setdefault(key, []).append(match)
+        inverse.append(match)
+    device = pixel_values.device
+    return torch.tensor(representatives, device=device), torch.tensor(inverse, device=device)
+
+
+def sine_positions_1d(length: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:
+    """Fixed sine encoding of `length` positions (Vaswani et al.): (length, dim), sin on even channels,
+    cos on odd ones."""
+    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    encoding = torch.zeros(length, dim, device=device)
+    encoding[:, 0::2] = torch.sin(position * frequency)
+    encoding[:, 1::2] = torch.cos(position * frequency)
+    return encoding.to(dtype or torch.float32)
+
+
+def sine_positions_2d(height: int, width: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:
+    """Fixed 2-D sine encoding of a (height, width) grid (DETR-style): (height * width, dim), row-major;
+    the first `dim / 2` channels encode the column, the others the row."""
+    half = dim // 2
+    columns = sine_positions_1d(width, half, device=device)  # (w, dim/2)
+    rows = sine_positions_1d(height, half, device=device)  # (h, dim/2)
+    encoding = torch.cat(
+        [columns[None, :, :].expand(height, -1, -1), rows[:, None, :].expand(-1, width, -1)], dim=-1
+    )
+    return encoding.reshape(height * width, dim).to(dtype or torch.float32)
+
+
 class ReferringSegmentationPreTrainedModel(PreTrainedModel):
     """Weight initialisation of a method's own modules and the loading plumbing of every refseg model.
 
-    `_init_weights` covers the module kinds the heads are made of: `Conv2d` (Kaiming normal, fan-out,
+    `_init_weights` covers the module kinds the heads are made of: `Conv2d` and `ConvTranspose2d`
+    (Kaiming normal, fan-out,
     ReLU gain; zero bias), `BatchNorm2d` (identity: weight 1, bias 0, fresh running statistics),
     `LayerNorm` (weight 1, bias 0) and `Linear` (normal with `config.initializer_range`, zero bias).
     The backbones' own modules go to their own `_init_weights` (transformers hands each sub-model its
@@ -33,7 +79,7 @@ class ReferringSegmentationPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -82,4 +128,5 @@ class ReferringSegmentationPreTrainedModel(PreTrainedModel):
         return loaded
 
 
-__all__ = ["LOADING_KWARGS", "ReferringSegmentationPreTrainedModel"]
+__all__ = ["LOADING_KWARGS", "ReferringSegmentationPreTrainedModel", "sine_positions_1d", "sine_positions_2d",
+           "unique_rows"]

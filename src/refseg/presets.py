@@ -18,13 +18,16 @@ Adding a method's presets: write its backbone-config builders (or reuse the CLIP
 | `cris-b` | CLIP ViT-B/16 (`openai/clip-vit-base-patch16`), fine-tuned | 416 | 26x26 |
 | `cris-l` | CLIP ViT-L/14 at 336 (`openai/clip-vit-large-patch14-336`), fine-tuned | 448 | 32x32 |
 | `cris-tiny` | `refseg.backbones.tiny_clip_config()` (a folder from `save_tiny_backbones`) | 64 | 8x8 |
+| `risam-h` | SAM ViT-H (`facebook/sam-vit-huge`) + CLIP ViT-B/16's text tower, both frozen | 1024 | 64x64 |
+| `risam-b` | SAM ViT-B (`facebook/sam-vit-base`) + CLIP ViT-B/16's text tower, both frozen | 1024 | 64x64 |
+| `risam-tiny` | `refseg.backbones.tiny_sam_config()` + `tiny_clip_config()` | 256 | 16x16 |
 """
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from transformers import CLIPConfig, PreTrainedConfig
+from transformers import CLIPConfig, PreTrainedConfig, SamConfig
 
 
 def clip_vit_b16_config() -> CLIPConfig:
@@ -49,6 +52,30 @@ def clip_vit_l14_336_config() -> CLIPConfig:
                            image_size=336, patch_size=14, projection_dim=768),
         projection_dim=768,
     )
+
+
+def sam_vit_config(size: str) -> SamConfig:
+    """The published SAM image encoders at 1024 px, patch 16, 14x14 windows (`facebook/sam-vit-base`,
+    `-large`, `-huge`): width, depth, heads and global-attention blocks; SAM's 256-channel neck, prompt
+    encoder and mask decoder (the latter two are never built by RISAM)."""
+    architectures = {
+        "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
+        "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                      global_attn_indexes=[5, 11, 17, 23]),
+        "huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                     global_attn_indexes=[7, 15, 23, 31]),
+    }
+    if size not in architectures:
+        raise ValueError(f"`size` must be one of {sorted(architectures)}, got {size!r}")
+    vision = dict(architectures[size], image_size=1024, patch_size=16, window_size=14, output_channels=256,
+                  mlp_dim=4 * architectures[size]["hidden_size"])
+    return SamConfig(vision_config=vision)
+
+
+def _tiny_sam_config() -> SamConfig:
+    from .backbones import tiny_sam_config  # the defaults `save_tiny_backbones` writes
+
+    return tiny_sam_config()
 
 
 def _tiny_clip_config() -> CLIPConfig:
@@ -149,6 +176,30 @@ PRESETS: dict = {
         "tests and the quickstart",
         backbone_configs=lambda: {"clip_config": _tiny_clip_config()},
     ),
+    "risam-h": Preset(
+        method="risam",
+        backbones={"sam": "facebook/sam-vit-huge", "clip": "openai/clip-vit-base-patch16"},
+        config_overrides={},
+        description="RISAM on SAM ViT-H at 1024 px (blocks 15, 23, 31, 64x64) and CLIP ViT-B/16's text tower, both "
+        "frozen; Feature Enhancement at 256, 2 Mutual-Aware Attention blocks, 2 decoder blocks",
+        backbone_configs=lambda: {"sam_config": sam_vit_config("huge"), "clip_config": clip_vit_b16_config()},
+    ),
+    "risam-b": Preset(
+        method="risam",
+        backbones={"sam": "facebook/sam-vit-base", "clip": "openai/clip-vit-base-patch16"},
+        config_overrides={},
+        description="RISAM on SAM ViT-B at 1024 px (blocks 5, 8, 11, 64x64) and CLIP ViT-B/16's text tower, both "
+        "frozen; Feature Enhancement at 256, 2 Mutual-Aware Attention blocks, 2 decoder blocks",
+        backbone_configs=lambda: {"sam_config": sam_vit_config("base"), "clip_config": clip_vit_b16_config()},
+    ),
+    "risam-tiny": Preset(
+        method="risam",
+        backbones={},
+        config_overrides={"hidden_size": 64, "decoder_num_heads": 4, "upsample_hidden_sizes": [32, 16]},
+        description="RISAM on the tiny SAM (32 wide, 4 blocks, 256 px, 16x16) and tiny CLIP text tower of "
+        "refseg.backbones: tests and the quickstart",
+        backbone_configs=lambda: {"sam_config": _tiny_sam_config(), "clip_config": _tiny_clip_config()},
+    ),
 }
 
 
@@ -169,4 +220,4 @@ def get_config(name: str, **overrides) -> PreTrainedConfig:
     return AutoConfig.for_model(preset.method, **kwargs)
 
 
-__all__ = ["PRESETS", "Preset", "clip_vit_b16_config", "clip_vit_l14_336_config", "get_config"]
+__all__ = ["PRESETS", "Preset", "clip_vit_b16_config", "clip_vit_l14_336_config", "get_config", "sam_vit_config"]

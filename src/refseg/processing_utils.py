@@ -229,9 +229,11 @@ def get_original_sizes(images: Sequence[Image.Image]) -> torch.Tensor:
 
 
 def resize_longest_side_shape(height: int, width: int, longest_side: int) -> tuple[int, int]:
-    """Size after SAM's resize: the longest side becomes `longest_side`, rounding half up."""
+    """Size after SAM's resize: the longest side becomes `longest_side`, rounding half up (as
+    `SamImageProcessor`), and never below one pixel (a 1 x 2048 image keeps a 1-pixel side, where SAM's
+    own processor would round it to 0 and fail)."""
     scale = longest_side / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def _as_size(size, name: str) -> tuple[int, int]:

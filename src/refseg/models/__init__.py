@@ -1,6 +1,7 @@
 """The four methods. Importing this package registers them with the transformers Auto classes."""
 
 from .cris import CrisConfig, CrisModel, CrisProcessor
+from .risam import RisamConfig, RisamModel, RisamProcessor
 from .risclip import RisclipConfig, RisclipModel, RisclipProcessor
 
-__all__ = ["CrisConfig", "CrisModel", "CrisProcessor", "RisclipConfig", "RisclipModel", "RisclipProcessor"]
+__all__ = ["CrisConfig", "CrisModel", "CrisProcessor", "RisamConfig", "RisamModel", "RisamProcessor", "RisclipConfig", "RisclipModel", "RisclipProcessor"]

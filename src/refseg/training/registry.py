@@ -105,6 +105,13 @@ METHODS = {
         stages=("default",),  # one stage: everything, CLIP included, end to end
         param_groups=_cris_param_groups,
     ),
+    "risam": MethodSpec(
+        name="risam",
+        model_class="refseg.models.risam.RisamModel",
+        processor_class="refseg.models.risam.RisamProcessor",
+        backbones=("sam", "clip"),
+        stages=("default",),  # one stage: the heads, SAM's image encoder and CLIP's text tower frozen
+    ),
 }
 
 

@@ -17,7 +17,7 @@ from transformers import CLIPModel
 from ...adapters.model_mixin import AdaptedModelMixin
 from ...losses import bce_loss
 from ...modeling_outputs import ReferringSegmentationOutput
-from ...modeling_utils import ReferringSegmentationPreTrainedModel
+from ...modeling_utils import ReferringSegmentationPreTrainedModel, unique_rows
 from .configuration_cris import TRAINING_STAGES, CrisConfig
 from .modeling_cris_heads import CrisDecoder, CrisNeck, CrisProjector
 
@@ -25,27 +25,6 @@ logger = logging.getLogger(__name__)
 
 # CLIP parameters CRIS never uses: frozen so that they are not counted (or held by the optimizer) as trained.
 _UNUSED_CLIP_PARAMETERS = ("logit_scale",)
-
-
-def unique_rows(pixel_values: torch.Tensor):
-    """`(representatives, inverse)`: indices of the first row of each distinct image in `pixel_values` (B, ...)
-    and, per row, the position of its image among them (B,), so `pixel_values[representatives][inverse]`
-    equals `pixel_values`. Rows are compared exactly; a cheap per-row fingerprint (one host sync) picks the
-    candidates, so distinct images cost no pairwise comparison."""
-    batch = pixel_values.shape[0]
-    flat = pixel_values.detach().reshape(batch, -1).float()
-    weights = torch.linspace(1.0, 2.0, flat.shape[1], device=flat.device)
-    fingerprints = torch.stack([flat.sum(1), (flat * weights).sum(1)], dim=1).tolist()
-    representatives, inverse, seen = [], [], {}
-    for row, key in enumerate(map(tuple, fingerprints)):
-        match = next((g for g in seen.get(key, ()) if torch.equal(flat[row], flat[representatives[g]])), None)
-        if match is None:
-            match = len(representatives)
-            representatives.append(row)
-            seen.setdefault(key, []).append(match)
-        inverse.append(match)
-    device = pixel_values.device
-    return torch.tensor(representatives, device=device), torch.tensor(inverse, device=device)
 
 
 class CrisPreTrainedModel(ReferringSegmentationPreTrainedModel):

@@ -7,28 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def sine_positions_1d(length: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:
-    """Fixed sine encoding of `length` positions (Vaswani et al.): (length, dim), sin on even channels,
-    cos on odd ones."""
-    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    frequency = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    encoding = torch.zeros(length, dim, device=device)
-    encoding[:, 0::2] = torch.sin(position * frequency)
-    encoding[:, 1::2] = torch.cos(position * frequency)
-    return encoding.to(dtype or torch.float32)
-
-
-def sine_positions_2d(height: int, width: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:
-    """Fixed 2-D sine encoding of a (height, width) grid (DETR-style): (height * width, dim), row-major;
-    the first `dim / 2` channels encode the column, the others the row."""
-    half = dim // 2
-    columns = sine_positions_1d(width, half, device=device)  # (w, dim/2)
-    rows = sine_positions_1d(height, half, device=device)  # (h, dim/2)
-    encoding = torch.cat(
-        [columns[None, :, :].expand(height, -1, -1), rows[:, None, :].expand(-1, width, -1)], dim=-1
-    )
-    return encoding.reshape(height * width, dim).to(dtype or torch.float32)
+from ...modeling_utils import sine_positions_1d, sine_positions_2d
 
 
 class CrisConvBlock(nn.Sequential):
