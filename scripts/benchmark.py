@@ -3,16 +3,21 @@
 
     python scripts/benchmark.py [--preset risclip-tiny] [--image_size 96] [--batch_size 16] [--steps 20]
         [--config_overrides '{"refiner_hidden_sizes": [32, 32, 32], "refiner_feature_layers": [3, 1, 0]}']
+    python scripts/benchmark.py --preset risam-tiny
+    python scripts/benchmark.py --preset risam-b --random_backbones --batch_size 1 --steps 1
 
-Builds the preset on a locally made tiny CLIP (or `--clip <folder>` for a real checkpoint) and
+Builds the preset on locally made tiny backbones (or `--clip` / `--sam <folder>` for real checkpoints, or
+`--random_backbones`: the preset's own architecture with random weights, built offline) and
 reports, on this machine: a training step of each stage (forward + backward + AdamW) with each
 AdamW implementation of `--optimizer_implementations` (the per-tensor `for-loop`, PyTorch's CPU
 default, against `auto` = fused, what scripts/train.py uses) and its trainable parameter count,
 inference throughput, the time of one image with 8 expressions over one image with 1 (a method
 that encodes the image once per image stays near 1; RISCLIP's PreFusion makes its image features
 depend on the text, so it pays about 8), the method's inference forward over its stock backbones'
-forward alone (`BACKBONE_FORWARDS`: the cost of what the method adds), and peak resident memory
-(`ru_maxrss`). The
+forward alone (`BACKBONE_FORWARDS`: the cost of what the method adds), the extra resident memory at
+the peak of one training step and of one inference forward (Linux: the process's high-water mark is
+reset before each; what a frozen backbone run without autograd history saves shows in their ratio),
+and peak resident memory (`ru_maxrss`). The
 tests assert no timing; the numbers are for docs/training.md and for comparing changes on one machine.
 `--config_overrides` sets config fields on top of the preset's, e.g. the quickstart's Refiner.
 """
@@ -40,7 +45,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="risclip-tiny")
     p.add_argument("--clip", default=None, help="CLIP folder or id (default: a fresh tiny CLIP)")
-    p.add_argument("--image_size", type=int, default=96)
+    p.add_argument("--sam", default=None, help="SAM folder or id (default: a fresh tiny SAM)")
+    p.add_argument("--random_backbones", action="store_true",
+                   help="build the preset's architecture with random weights (offline) instead of loading backbones")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="model input size where the method's config sets one (default 96); SAM-based methods take "
+                        "SAM's own input size")
     p.add_argument("--config_overrides", default=None,
                    help="JSON object of config fields set on top of the preset's (as in scripts/train.py)")
     p.add_argument("--batch_size", type=int, default=16)
@@ -53,13 +63,52 @@ def parse_args(argv=None):
 
 
 def _clip_forward(clip, inputs):
-    """The stock CLIP towers alone on the method's inputs (what any CLIP-based method runs at least)."""
-    clip.vision_model(pixel_values=inputs["pixel_values"], interpolate_pos_encoding=True)
-    clip.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    """The stock CLIP towers the method holds, alone on the method's inputs (what any CLIP-based method runs
+    at least): the image tower where it has one (RISAM keeps only the text tower), and the text tower."""
+    if hasattr(clip, "vision_model"):
+        clip.vision_model(pixel_values=inputs["pixel_values"], interpolate_pos_encoding=True)
+    text_tower = getattr(clip, "text_model", clip)  # a `CLIPModel`'s text tower, or a `CLIPTextModel`
+    text_tower(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+
+def _sam_forward(sam, inputs):
+    """The stock SAM image encoder alone (once per row of `pixel_values`)."""
+    sam(pixel_values=inputs["pixel_values"])
 
 
 # backbone name (`model.backbone_attributes`) -> forward of that stock backbone alone
-BACKBONE_FORWARDS = {"clip": _clip_forward}
+BACKBONE_FORWARDS = {"clip": _clip_forward, "sam": _sam_forward}
+
+
+def _memory_kib():
+    """(current resident set, high-water mark) in KiB from /proc/self/status, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def peak_extra_memory_mib(fn):
+    """Resident memory `fn()` needs above what the process holds before it, at its peak, in MiB (Linux:
+    freed heap is returned to the system and the high-water mark reset first); None where unsupported."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current VmRSS
+    except OSError:
+        return None
+    before = _memory_kib()
+    fn()
+    after = _memory_kib()
+    if before is None or after is None:
+        return None
+    return (after[1] - before[0]) / 1024
 
 
 def timed(fn, steps, warmup=3):
@@ -83,19 +132,35 @@ def main(argv=None):
     extra = parse_config_overrides(args.config_overrides)
     spec = get_method(preset.method)
     model_cls, processor_cls = spec.load_classes()
+    config_fields = set(getattr(model_cls.config_class, "__annotations__", {}))
+    overrides = {**preset.config_overrides, **extra}
+    if "image_size" in config_fields:  # CLIP-input methods; SAM's input size is fixed by its position embeddings
+        overrides["image_size"] = args.image_size or 96
+    elif args.image_size is not None:
+        raise ValueError(f"`image_size` is not a {preset.method} config field (the input size is SAM's own)")
     with tempfile.TemporaryDirectory() as tmp:
-        clip = args.clip or str(save_tiny_backbones(tmp, seed=0)["clip"])
-        overrides = {**preset.config_overrides, **extra, "image_size": args.image_size}
+        tiny = save_tiny_backbones(tmp, seed=0)
+        sources = {name: getattr(args, name, None) or str(tiny[name]) for name in spec.backbones}
         torch.manual_seed(0)
-        model = model_cls.from_backbones(clip=clip, **overrides)
-        processor = processor_cls.from_backbones(clip=clip, image_size=args.image_size)
+        if args.random_backbones:
+            from refseg.presets import get_config
+
+            model = model_cls(get_config(args.preset, **overrides))
+            # the processor only needs the tokenizer and image processor: the tiny folders' serve
+            settings = {"image_size": model.config.image_size}
+        else:
+            model = model_cls.from_backbones(**sources, **overrides)
+            settings = {"image_size": model.config.image_size}
+        settings.update({name: getattr(model.config, name) for name in getattr(processor_cls, "config_fields", ())})
+        processor = processor_cls.from_backbones(**{name: str(tiny[name]) if args.random_backbones else sources[name]
+                                                    for name in spec.backbones}, **settings)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (150, 130, 3), dtype=np.uint8)) for _ in range(args.batch_size)]
     masks = [rng.random((150, 130)) > 0.7 for _ in range(args.batch_size)]
     batch = processor(images=images, text=["the red circle on the left"] * args.batch_size, masks=masks,
                       return_tensors="pt")
     batch.pop("original_sizes")
-    results = {"preset": args.preset, "image_size": args.image_size, "batch_size": args.batch_size,
+    results = {"preset": args.preset, "image_size": model.config.image_size, "batch_size": args.batch_size,
                "threads": torch.get_num_threads(), "config_overrides": json.dumps(extra, sort_keys=True)}
     for stage in spec.stages:
         model.set_training_stage(stage)
@@ -115,9 +180,21 @@ def main(argv=None):
             results[f"train_step_s[{stage}, {implementation}]"] = timed(step, args.steps)
             model.load_state_dict(state)  # every implementation times the same weights
         results[f"train_step_s[{stage}]"] = results[f"train_step_s[{stage}, {implementations[-1]}]"]
+        optimizer = build_optimizer(spec.param_groups(model, 1e-4) if spec.param_groups else trainable,
+                                    learning_rate=1e-4, implementation=implementations[-1])
+
+        def one_step():
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        one_step()  # the optimizer state exists before the measured step
+        results[f"train_step_extra_memory_mib[{stage}]"] = peak_extra_memory_mib(one_step)
+        model.load_state_dict(state)
     model.eval()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
+        results["inference_extra_memory_mib"] = peak_extra_memory_mib(lambda: model(**inputs))
         forward_s = timed(lambda: model(**inputs), args.steps)
         results["inference_samples_per_s"] = args.batch_size / forward_s
         backbones = {name: getattr(model, attr) for name, attr in model.backbone_attributes.items()}
@@ -136,6 +213,11 @@ def main(argv=None):
             results[f"ratio train_step[{stage}, {implementations[-1]}]/[{stage}, {implementations[0]}]"] = (
                 results[f"train_step_s[{stage}, {implementations[-1]}]"]
                 / results[f"train_step_s[{stage}, {implementations[0]}]"])
+    if results["inference_extra_memory_mib"]:
+        for stage in spec.stages:
+            if results[f"train_step_extra_memory_mib[{stage}]"] is not None:
+                results[f"ratio train_step_memory[{stage}]/inference_memory"] = (
+                    results[f"train_step_extra_memory_mib[{stage}]"] / results["inference_extra_memory_mib"])
     for stage in rest:
         results[f"ratio train_step[{stage}]/train_step[{first}]"] = (
             results[f"train_step_s[{stage}]"] / results[f"train_step_s[{first}]"])
