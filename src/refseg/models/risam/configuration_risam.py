@@ -128,6 +128,14 @@ class RisamConfig(PreTrainedConfig):
         """Side of the square (padded) model input: SAM's own input size (its absolute position embeddings fix it)."""
         return int(self.sam_config.vision_config.image_size)
 
+    @image_size.setter
+    def image_size(self, value):
+        if value != self.image_size:
+            raise ValueError(
+                f"`image_size` of RISAM is SAM's input size ({self.image_size}), fixed by its position embeddings; "
+                f"got {value!r}"
+            )
+
     @property
     def patch_size(self) -> int:
         return int(self.sam_config.vision_config.patch_size)
