@@ -37,6 +37,14 @@ PAPER_L = {
     ("RefCOCO+", "val"): (74.38, 69.33), ("RefCOCO+", "testA"): (78.77, 74.56), ("RefCOCO+", "testB"): (66.84, 61.87),
     ("RefCOCOg (UMD)", "val"): (71.82, 69.20), ("RefCOCOg (UMD)", "test"): (71.65, 70.19),
 }
+# Table 1 of the RISAM paper: (IoU, Pr@90) per (dataset, split); its "IoU" sums intersections and unions
+# over all test expressions (Sec. 4.3), i.e. oIoU.
+PAPER_RISAM_H = {
+    ("RefCOCO", "val"): (76.20, 42.38), ("RefCOCO", "testA"): (78.92, 43.15), ("RefCOCO", "testB"): (71.84, 40.69),
+    ("RefCOCO+", "val"): (66.37, 36.58), ("RefCOCO+", "testA"): (72.10, 38.18), ("RefCOCO+", "testB"): (57.33, 30.42),
+    ("RefCOCOg (UMD)", "val"): (65.48, 29.94), ("RefCOCOg (UMD)", "test"): (66.60, 32.00),
+    ("RefCOCOg (Google)", "val"): (64.78, 31.29),
+}
 
 # Runs in a fresh interpreter where `import refseg` is made impossible (refseg is installed in
 # editable mode here, so a meta-path finder refuses it), loads the export with remote code and
@@ -237,6 +245,66 @@ def test_paper_cards_keep_reported_numbers_apart(preset, paper, tmp_path):
     measured = card.content.split("### Measured with refseg", 1)[1]
     assert "No evaluation results were supplied" in measured and "|" not in measured.split("## ")[0]
     assert card.content.index("### Reported in the paper") < card.content.index("### Measured with refseg")
+
+
+def _base_model_line(card):
+    return next(line for line in card.content.splitlines() if line.startswith("- **Base model:**"))
+
+
+def test_risam_card_reports_table_1_as_oiou_and_names_both_base_models(tmp_path):
+    from refseg.hub import load_card_info
+    from refseg.presets import PRESETS
+
+    path = tmp_path / "README.md"
+    build_model_card("risam-h", repo_id="refseg-test/risam-h").save(path)
+    card = ModelCard.load(path)
+    backbones = PRESETS["risam-h"].backbones
+    assert card.data.base_model == [backbones["sam"], backbones["clip"]]  # the SAM and the CLIP checkpoint
+    assert card.data.base_model_relation == "finetune"  # backbones plus trained heads, not a merge
+    assert _base_model_line(card) == f"- **Base model:** `{backbones['sam']}`, `{backbones['clip']}`"
+    assert card.data.license == "apache-2.0"
+    assert {"refseg", "risam", "sam", "clip", "referring-image-segmentation", "custom_code"} <= set(card.data.tags)
+    assert "jxu124/refcocog" in card.data.datasets
+    assert card.data.eval_results is None  # paper numbers never enter model-index
+    rows = parse_table(card.content, "### Reported in the paper")
+    assert [(r[0], r[1]) for r in rows] == list(PAPER_RISAM_H)
+    assert {(r[0], r[1]): (r[2], float(r[3])) for r in rows} == {k: ("—", iou) for k, (iou, _) in PAPER_RISAM_H.items()}
+    # Pr@90: kept per row in the card data, and written out (in table order) above the table
+    reported = load_card_info("risam-h")["reported"]
+    assert {(r["dataset"], r["split"]): r["precision@0.9"] for r in reported["rows"]} == {
+        k: pr90 for k, (_, pr90) in PAPER_RISAM_H.items()}
+    text = card.content.split("### Reported in the paper", 1)[1].split("| Dataset |", 1)[0]
+    assert "oIoU" in text and "reports no mIoU" in text
+    assert [float(x) for x in re.findall(r"\d+\.\d\d", text.split("Pr@90", 1)[1])] == [
+        pr90 for _, pr90 in PAPER_RISAM_H.values()]
+    measured = card.content.split("### Measured with refseg", 1)[1]
+    assert "No evaluation results were supplied" in measured and "|" not in measured.split("## ")[0]
+    assert card.content.index("### Reported in the paper") < card.content.index("### Measured with refseg")
+
+
+def test_risam_tiny_card_shows_only_measured_numbers():
+    card = build_model_card("risam-tiny", eval_results=EVAL_RESULTS, repo_id="refseg-test/risam-tiny")
+    assert card.data.base_model is None and _base_model_line(card).endswith("none (randomly initialised backbone)")
+    assert card.data.license == "apache-2.0" and {"risam", "tiny"} <= set(card.data.tags)
+    assert "The RISAM paper reports no results for this test-scale configuration." in card.content
+    # the bare results name no dataset: the card data's `evaluation_dataset`
+    assert {r.dataset_type for r in card.data.eval_results} == {"refshapes"}
+    rows = {row[0]: row[1:] for row in parse_table(card.content, "### Measured with refseg")}
+    assert set(rows) == set(EVAL_RESULTS)
+    assert float(rows["val"][0]) == round(100 * EVAL_RESULTS["val"]["oIoU"], 2)
+
+
+def test_base_model_line_names_one_or_several_checkpoints():
+    from refseg.hub.cards import base_model_text
+
+    assert base_model_text("openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"
+    assert base_model_text(["facebook/sam-vit-huge", "openai/clip-vit-base-patch16"]) == (
+        "facebook/sam-vit-huge`, `openai/clip-vit-base-patch16")
+    assert base_model_text(None) is None and base_model_text([]) is None
+    with pytest.raises(ValueError, match="base_model"):
+        base_model_text(["facebook/sam-vit-huge", 3])
+    # one base model (CRIS, RISCLIP): the line is a single code span, as before
+    assert _base_model_line(build_model_card("cris-b")) == "- **Base model:** `openai/clip-vit-base-patch16`"
 
 
 @pytest.mark.parametrize(

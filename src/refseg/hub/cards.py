@@ -7,11 +7,16 @@ package in `refseg/hub/templates/`, which is what the code reads) hold:
   `pipeline_tag`, `license`, `base_model`, `datasets`, `tags`, ...). We use
   `library_name: transformers`: an exported folder *is* a transformers checkpoint with remote code
   (`AutoModel.from_pretrained(..., trust_remote_code=True)`), and the Hub shows transformers usage
-  snippets for it; `refseg` and `custom_code` are tags.
+  snippets for it; `refseg` and `custom_code` are tags. `base_model` is one checkpoint id (RISCLIP,
+  CRIS: the CLIP) or a list of them, one per pretrained backbone (RISAM: the SAM and the CLIP
+  checkpoint). Card data with a list also give `base_model_relation: finetune` (the weights are the
+  backbones plus trained heads, not a merge of them), so the Hub need not guess the relation. The
+  card's "Base model" line names each one (`base_model_text`).
 - `title`, `summary`, `method`, `paper`, `details`, `example_texts`, `training_recipe`,
   `limitations`, `citation`: free text for the template.
-- `reported`: numbers *reported in the paper* (`source` + `rows` of `{dataset, split, mIoU, oIoU}`),
-  or a `note` when the paper has none. They are shown in their own table and never enter the
+- `reported`: numbers *reported in the paper* (`source` + `rows` of `{dataset, split, mIoU, oIoU}`,
+  `null` where the paper gives none), or a `note` when the paper has none. The table shows mIoU and
+  oIoU; a row may keep other figures of the paper (RISAM's `precision@0.9`), which `source` then states. They are shown in their own table and never enter the
   `model-index` metadata: they belong to the authors' checkpoints, not to these weights.
 - `evaluation_dataset`: the dataset of the measured results when their record names none (an
   `eval_results.json` in the old bare layout) and the caller does not say.
@@ -349,6 +354,18 @@ def resolve_license(metadata: Mapping[str, Any], backbones: Optional[Mapping[str
     )
 
 
+def base_model_text(base_model: Union[None, str, list]) -> Optional[str]:
+    """What the card's "Base model" line shows inside its code span (the template writes
+    `` `{{ base_model }}` ``): a single id as it is; several ids (one per backbone, RISAM's SAM and CLIP)
+    joined with `` `, ` `` so that each sits in a code span of its own. `None` (or an empty list) when the
+    card data names no base model. The metadata keeps the list itself, as the Hub expects it."""
+    if base_model is None or isinstance(base_model, str):
+        return base_model or None
+    if not isinstance(base_model, (list, tuple)) or not all(isinstance(b, str) and b.strip() for b in base_model):
+        raise ValueError(f"`metadata.base_model` must be a checkpoint id or a list of them, got {base_model!r}")
+    return "`, `".join(base_model) or None
+
+
 def _metric_keys(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     present = {k for metrics in results.values() for k in metrics if k not in COUNT_KEYS}
     known = [k for k in METRIC_HEADERS if k in present]
@@ -457,6 +474,7 @@ def build_model_card(
 
     template = Path(template_path) if template_path is not None else TEMPLATES_DIR / TEMPLATE_NAME
     context = {
+        "base_model": base_model_text(metadata.get("base_model")),  # the card data's value, for the template
         "title": info.get("title", model_name),
         "summary": info.get("summary", ""),
         "method": info.get("method", model_type or ""),
@@ -482,6 +500,7 @@ __all__ = [
     "available_cards",
     "backbone_card_license",
     "backbone_sources_from_config",
+    "base_model_text",
     "build_model_card",
     "dataset_display_name",
     "load_card_info",

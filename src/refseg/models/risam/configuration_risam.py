@@ -57,8 +57,8 @@ class RisamConfig(PreTrainedConfig):
         decoder_num_heads (`int`, *optional*, defaults to 8):
             Heads of the decoder's attentions (must divide `hidden_size`); 8 as SAM's decoder.
         decoder_mlp_dim (`int`, *optional*, defaults to 0):
-            Hidden width of a feed-forward block after each decoder attention over the pixels; 0 (the paper's
-            eqs. 6-9, which have none) leaves it out.
+            Hidden width of a feed-forward block on the pixels at the end of each decoder block (after eq. 9);
+            0 (the paper's eqs. 6-9, which have none) leaves it out.
         upsample_hidden_sizes (`list[int]`, *optional*):
             Channels after the two ConvTranspose + BN x2 upsamplings; defaults to `[hidden_size // 4,
             hidden_size // 8]` (64, 32, as SAM's mask decoder). The query MLP ends at the last width.
@@ -79,7 +79,8 @@ class RisamConfig(PreTrainedConfig):
         training_stage (`str`, *optional*, defaults to `"default"`):
             The only stage: the heads train, both encoders stay frozen.
         initializer_range (`float`, *optional*, defaults to 0.02):
-            Std of the normal init of the new linear layers.
+            Kept for transformers' generic code; RISAM's own linear layers use PyTorch's default (Kaiming-uniform)
+            initialisation instead (see `RisamPreTrainedModel._init_weights`).
 
     Example:
 

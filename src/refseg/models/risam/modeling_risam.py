@@ -154,6 +154,8 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
         sam_config = SamConfig.from_pretrained(sam, **config_loading)
         clip_config = CLIPConfig.from_pretrained(clip, **config_loading)
         sam_config.vision_config, clip_config.text_config = sam_model.config, clip_model.config
+        # record the checkpoints (exported cards and `from_adapter_weights` read them back)
+        sam_config._name_or_path, clip_config._name_or_path = str(sam), str(clip)
         config = cls.config_class(sam_config=sam_config, clip_config=clip_config, **overrides)
         config._attn_implementation = sam_model.config._attn_implementation
         return cls(config, sam_model=sam_model, clip_model=clip_model)
