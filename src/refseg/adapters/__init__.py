@@ -14,6 +14,12 @@ package follows PEFT's shape on its own:
 - `save_adapter` / `load_adapter` write and read exactly `adapter_config.json` +
   `adapter_model.safetensors` (adapter weights plus any `modules_to_save` heads).
 
+Prompt tokens (`PromptTokenConfig`, `PromptedEncoderLayer`) insert n tokens into a layer's input
+and drop them from its output (VPT-deep, Prompt-RIS Cross-Modal Prompting): the layer's own
+learnable tokens, or prompts the owning model supplies for each forward (`layer(x, mask, prompts)`,
+`supply_prompts`); the attention mask is extended so every token also sees the prompts (the text
+tower's causal order and padding kept). See `refseg.adapters.prompts`.
+
 Cross-modal fusion adapters (`PreFusionAdapter`, `PostFusionLayer`) join two towers, so no single
 module can be wrapped for them: a method model owns them and calls them between its towers'
 layers. `AdaptedModelMixin` gives a method model the same API over everything it adds to its
@@ -39,6 +45,7 @@ from .config import (
     CLIP_ENCODER_LAYERS,
     AdapterConfig,
     BottleneckAdapterConfig,
+    PromptTokenConfig,
     module_matches,
     register_adapter_config,
 )
@@ -50,11 +57,22 @@ from .injection import (
     adapter_parameters,
     inject_adapter,
     mark_only_adapters_trainable,
+    register_adapter_wrapper,
     unload,
 )
 from .io import ADAPTER_WEIGHTS_NAME, adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
 from .layers import AdaptedEncoderLayer, AdapterLayer, AdapterModule, BottleneckAdapter, encoder_layer_forward
 from .model_mixin import AdaptedModelMixin
+from .prompts import (
+    PromptedEncoderLayer,
+    PromptTokens,
+    disable_prompts,
+    extend_attention_mask,
+    insert_prompts,
+    prompted_layers,
+    remove_prompts,
+    supply_prompts,
+)
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -70,20 +88,30 @@ __all__ = [
     "FusionAttention",
     "PostFusionLayer",
     "PreFusionAdapter",
+    "PromptTokenConfig",
+    "PromptTokens",
+    "PromptedEncoderLayer",
     "adapter_layers",
     "adapter_named_parameters",
     "adapter_parameters",
     "adapter_state_dict",
+    "disable_prompts",
     "encoder_layer_forward",
+    "extend_attention_mask",
     "initialize_weights_with_adapters",
     "inject_adapter",
+    "insert_prompts",
     "is_adapter_module",
     "load_adapter",
     "load_adapter_state_dict",
     "mark_only_adapters_trainable",
     "module_matches",
+    "prompted_layers",
     "register_adapter_config",
+    "register_adapter_wrapper",
+    "remove_prompts",
     "reset_adapter_module",
     "save_adapter",
+    "supply_prompts",
     "unload",
 ]

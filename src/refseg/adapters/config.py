@@ -7,6 +7,7 @@ round-trips through `adapter_config.json` (`save_pretrained` / `from_pretrained`
 """
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -185,11 +186,89 @@ class BottleneckAdapterConfig(AdapterConfig):
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
 
 
+PROMPT_SOURCES = ("static", "external")
+
+
+@register_adapter_config
+@dataclass
+class PromptTokenConfig(AdapterConfig):
+    """Prompt tokens inserted into the input of encoder layers and removed from their output
+    (VPT-deep; Prompt-RIS Cross-Modal Prompting, eqs. 5-6).
+
+    Each wrapped layer `E` computes, for its input `x` (B, L, D) and prompts `P` (B, n, D),
+
+        [_; y] = E([P; x])        (prompts at `insert_at` = 0, the paper's choice)
+
+    with the attention mask extended so that every token may also attend to the prompts (see
+    `refseg.adapters.prompts`), and returns the L token positions only. The prompts are either the
+    layer's own learnable tokens (`prompt_source="static"`, an `(n, D)` parameter per layer,
+    N(0, init_std^2)) or tensors the owning model supplies for each forward
+    (`prompt_source="external"`: Prompt-RIS computes them by cross-attention from the other
+    tower). A layer without prompts for a forward (external source, nothing supplied; or inside
+    `disable_prompts`) is exactly the stock layer.
+    """
+
+    adapter_type: ClassVar[str] = "prompt_tokens"
+
+    target_modules: Optional[Union[str, list]] = field(
+        default=CLIP_ENCODER_LAYERS,
+        metadata={
+            "help": "Encoder layers to wrap (pre-LN blocks with `layer_norm1`, `self_attn`, `layer_norm2`, `mlp`, "
+            "like `CLIPEncoderLayer`). Default: every layer of both CLIP towers."
+        },
+    )
+    num_tokens: int = field(
+        default=16, metadata={"help": "n, the number of prompt tokens per layer (Prompt-RIS: 16 per direction)."}
+    )
+    prompt_source: str = field(
+        default="static",
+        metadata={
+            "help": "Where the prompts come from: 'static' (learnable tokens owned by each layer, VPT-deep) or "
+            "'external' (supplied by the owning model for each forward, e.g. Prompt-RIS's cross-modal prompts)."
+        },
+    )
+    init_std: float = field(
+        default=0.02,
+        metadata={"help": "Standard deviation of the normal initialisation of static prompts (unused for 'external')."},
+    )
+    insert_at: int = field(
+        default=0,
+        metadata={
+            "help": "Sequence index where the prompts are inserted: 0 puts them before [CLS]/[SOS] (Prompt-RIS "
+            "eqs. 5-6), 1 right after [CLS] (VPT). Must not exceed the layer's sequence length."
+        },
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the prompt tokens before they are inserted."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.target_modules is None:
+            raise ValueError("`target_modules` must name the layers to wrap, got None")
+        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens < 1:
+            raise ValueError(f"`num_tokens` must be a positive int, got {self.num_tokens!r}")
+        if self.prompt_source not in PROMPT_SOURCES:
+            raise ValueError(f"`prompt_source` must be one of {list(PROMPT_SOURCES)}, got {self.prompt_source!r}")
+        if (
+            isinstance(self.init_std, bool)
+            or not isinstance(self.init_std, (int, float))
+            or not math.isfinite(self.init_std)
+            or self.init_std < 0
+        ):
+            raise ValueError(f"`init_std` must be a finite number >= 0, got {self.init_std!r}")
+        self.init_std = float(self.init_std)
+        if isinstance(self.insert_at, bool) or not isinstance(self.insert_at, int) or self.insert_at < 0:
+            raise ValueError(f"`insert_at` must be an int >= 0, got {self.insert_at!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
+
+
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "AdapterConfig",
     "BottleneckAdapterConfig",
     "CLIP_ENCODER_LAYERS",
+    "PROMPT_SOURCES",
+    "PromptTokenConfig",
     "module_matches",
     "register_adapter_config",
 ]

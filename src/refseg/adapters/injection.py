@@ -24,6 +24,16 @@ except ImportError:  # pragma: no cover - peft is a dependency, but the modeling
 _WRAPPERS = {BottleneckAdapterConfig: AdaptedEncoderLayer}
 
 
+def register_adapter_wrapper(config_cls: type, wrapper_cls: type) -> None:
+    """Make `inject_adapter` wrap target modules in `wrapper_cls(base_layer)` for configs of type `config_cls`
+    (each adapter kind registers its own wrapper where it is defined, as `refseg.adapters.prompts` does)."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, AdapterConfig)):
+        raise ValueError(f"`config_cls` must be an AdapterConfig subclass, got {config_cls!r}")
+    if not (isinstance(wrapper_cls, type) and issubclass(wrapper_cls, AdapterLayer)):
+        raise ValueError(f"`wrapper_cls` must be an AdapterLayer subclass, got {wrapper_cls!r}")
+    _WRAPPERS[config_cls] = wrapper_cls
+
+
 def _is_tuner_layer(module: nn.Module) -> bool:
     return isinstance(module, AdapterLayer) or (BaseTunerLayer is not None and isinstance(module, BaseTunerLayer))
 
