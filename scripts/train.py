@@ -5,7 +5,9 @@
 
 The YAML file sets defaults for every flag below; flags given on the command line win. One
 script serves every method: `refseg.training.METHODS` says how each is built and which stages it
-trains in (RISCLIP: `locator`, then `refiner`).
+trains in (RISCLIP: `locator`, then `refiner`) and which training sampler it uses (`MethodSpec.sampler`:
+`random`, one sentence of one ref per row, or `grouped_by_image`, `--sentences_per_image` sentences
+of one image as consecutive rows; `refseg.training.samples.TRAIN_SAMPLERS`).
 """
 
 import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
@@ -25,7 +27,6 @@ from tqdm.auto import tqdm
 from train_args import parse_args
 
 from refseg.training import (
-    TrainSamples,
     build_stage_plan,
     evaluate_split,
     get_method,
@@ -40,7 +41,7 @@ from refseg.training.evaluation import write_eval_results
 from refseg.training.modeling import build_model_and_processor, stage_parameters
 from refseg.training.optim import build_optimizer, resolve_gradient_accumulation
 from refseg.training.resume import load_state, write_main_state, write_rng_state
-from refseg.training.samples import ProcessorCollator, ShardedEpochBatchSampler
+from refseg.training.samples import build_train_data, forward_input_names, get_train_sampler
 from refseg.training.schedules import parse_stage_learning_rates, parse_stages
 
 logger = get_logger(__name__)
@@ -78,6 +79,7 @@ def main(argv=None):
     set_seed(args.seed)  # before the model is built: the seed governs initialisation
 
     spec = get_method(model_args.method)
+    get_train_sampler(spec.sampler)  # an unknown sampler fails before anything is built
     args.gradient_accumulation_steps = resolve_gradient_accumulation(
         args.global_batch_size, args.per_device_train_batch_size, accelerator.num_processes,
         args.gradient_accumulation_steps)
@@ -89,16 +91,20 @@ def main(argv=None):
     with accelerator.main_process_first():
         train_rows = load_train_split(data_args)
         eval_sets = load_eval_splits(data_args)
-    train_samples = TrainSamples(train_rows, seed=args.seed,
-                                 augment=RandomAffineSaturation() if data_args.augment else None)
-    sampler = ShardedEpochBatchSampler(len(train_samples), per_device_batch_size=args.per_device_train_batch_size,
-                                       rank=accelerator.process_index, num_processes=accelerator.num_processes,
-                                       seed=args.seed)
+    train_data = build_train_data(spec.sampler, train_rows, processor,
+                                  per_device_batch_size=args.per_device_train_batch_size,
+                                  rank=accelerator.process_index, num_processes=accelerator.num_processes,
+                                  seed=args.seed, augment=RandomAffineSaturation() if data_args.augment else None,
+                                  sentences_per_image=args.sentences_per_image, word_mask_rate=args.word_mask_rate,
+                                  model_inputs=forward_input_names(model))
+    train_samples, sampler = train_data.samples, train_data.sampler
+    logger.info("sampler %r: %d training items of %d row(s) each", spec.sampler, len(train_samples),
+                train_data.rows_per_item)
     # Its own generator: creating an iterator (every epoch, and after a resume) draws the workers' base
     # seed from it, never from the global RNG that dropout and augmentation use, so resume stays exact.
     loader = DataLoader(train_samples, batch_sampler=sampler, num_workers=data_args.dataloader_num_workers,
                         generator=torch.Generator().manual_seed(args.seed),
-                        collate_fn=ProcessorCollator(processor))
+                        collate_fn=train_data.collator)
     updates_per_epoch = sampler.num_batches_per_epoch // args.gradient_accumulation_steps
     if updates_per_epoch < 1:
         raise ValueError("one epoch holds fewer batches than `gradient_accumulation_steps`")

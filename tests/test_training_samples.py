@@ -189,3 +189,43 @@ def test_eval_samples_keep_every_sentence_in_order():
     samples = EvalSamples(rows)
     assert [samples[i]["text"] for i in range(3)] == ["s0", "s1", "s2"]
     assert [samples[i]["index"] for i in range(3)] == [0, 1, 2] and samples[0]["image"].mode == "RGB"
+
+
+# ---------------------------------------------------------------- the sampler registry (MethodSpec.sampler)
+
+
+def test_the_random_sampler_builds_the_one_sentence_per_ref_set_unchanged():
+    """`build_train_data("random", ...)`: `TrainSamples`, the plain epoch sampler and `ProcessorCollator`,
+    exactly as scripts/train.py built them before samplers were selectable."""
+    from refseg.training.samples import ProcessorCollator, build_train_data
+
+    def augment(image, mask, rng):
+        return image, mask
+
+    rows = make_rows(13)
+    processor = object()
+    data = build_train_data("random", rows, processor, per_device_batch_size=2, rank=1, num_processes=2, seed=4,
+                            augment=augment, sentences_per_image=4, word_mask_rate=0.5, model_inputs=frozenset())
+    assert type(data.samples) is TrainSamples and data.rows_per_item == 1
+    assert (data.samples.dataset, data.samples.seed, data.samples.augment) == (rows, 4, augment)
+    assert type(data.collator) is ProcessorCollator and data.collator.processor is processor
+    assert not data.collator.keep_targets
+    direct = ShardedEpochBatchSampler(13, per_device_batch_size=2, rank=1, num_processes=2, seed=4)
+    for epoch, start in ((0, 0), (2, 1)):
+        data.sampler.set_epoch(epoch, start_batch=start)
+        direct.set_epoch(epoch, start_batch=start)
+        assert list(data.sampler) == list(direct)
+        data.samples.set_epoch(epoch)
+        reference = TrainSamples(rows, seed=4)
+        reference.set_epoch(epoch)
+        assert texts(data.samples, range(13)) == texts(reference, range(13))
+
+
+def test_an_unknown_sampler_is_refused_naming_the_known_ones():
+    from refseg.training.samples import TRAIN_SAMPLERS, build_train_data, get_train_sampler
+
+    assert set(TRAIN_SAMPLERS) == {"random", "grouped_by_image"}
+    with pytest.raises(ValueError, match=r"\['grouped_by_image', 'random'\], got 'shuffled'"):
+        get_train_sampler("shuffled")
+    with pytest.raises(ValueError, match="sampler"):
+        build_train_data("shuffled", make_rows(4), None, per_device_batch_size=2)
