@@ -75,7 +75,8 @@ class RisamConfig(PreTrainedConfig):
             Momentum of the running statistics of every BatchNorm (Feature Enhancement, upsampling).
         share_image_encoding (`bool`, *optional*, defaults to `True`):
             Encode identical rows of `pixel_values` (one image paired with several expressions) once: SAM and
-            the Feature Enhancement do not see the text.
+            the Feature Enhancement do not see the text. In training, the Feature Enhancement's BatchNorm
+            statistics are then taken over the distinct images of the batch, not over every row.
         training_stage (`str`, *optional*, defaults to `"default"`):
             The only stage: the heads train, both encoders stay frozen.
         initializer_range (`float`, *optional*, defaults to 0.02):
