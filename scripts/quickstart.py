@@ -1,18 +1,21 @@
 #!/usr/bin/env python
 """The whole package in one command, on a CPU, offline.
 
-    python scripts/quickstart.py [--workdir refseg-quickstart] [--method risclip|cris]
+    python scripts/quickstart.py [--workdir refseg-quickstart] [--method risclip|cris|risam]
 
 1. generates RefShapes (the procedural RefCOCO-format dataset) in <workdir>/data;
-2. builds a tiny CLIP (and its BPE tokenizer) locally in <workdir>/backbones — no download;
-3. pretrains that tiny CLIP contrastively on RefShapes object crops (a stand-in for the web-scale
-   pretraining a real CLIP checkpoint brings; cached in <workdir>/backbones/clip-pretrained);
-4. trains the method's tiny model with scripts/train.py and its quickstart config
+2. builds a tiny CLIP (and its BPE tokenizer) and a tiny SAM locally in <workdir>/backbones — no
+   download — and pretrains those the method builds on (`refseg.training.METHODS[m].backbones`) on
+   RefShapes training images, a stand-in for the pretraining a real checkpoint brings: CLIP
+   contrastively on object crops (cached in <workdir>/backbones/clip-pretrained), SAM with its
+   promptable-segmentation objective on point and box prompts (<workdir>/backbones/sam-pretrained);
+   `--clip_pretraining_steps 0` / `--sam_pretraining_steps 0` use the random tiny backbone instead;
+3. trains the method's tiny model with scripts/train.py and its quickstart config
    (`QUICKSTART_CONFIGS`: RISCLIP, the default, with CLIP frozen, Locator stage then Refiner stage),
    printing first how many steps each stage runs; evaluates val, testA, testB and unseen;
-5. prints the metric table, then val broken down by kind of expression (scripts/evaluate.py
-   --by_kind). The model lands in <workdir>/model (the Gradio Space's default).
-Every step that is already done is reused on a second run.
+4. prints the metric table, then val broken down by kind of expression (scripts/evaluate.py
+   --by_kind). The model lands in <workdir>/model (the Gradio Space's default), or model-<method>.
+Every step that is already done is reused on a second run (a pretrained backbone whatever its step count).
 """
 
 import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
@@ -20,6 +23,7 @@ import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shado
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -30,12 +34,21 @@ from refseg.backbones import save_tiny_backbones
 from refseg.data import make_refshapes
 from refseg.training.clip_pretraining import pretrain_clip
 from refseg.training.evaluation import format_results_table
+from refseg.training.sam_pretraining import pretrain_sam
 from refseg.training.schedules import parse_stages
 
 _SCRIPTS = Path(__file__).resolve().parent
 # method -> its quickstart config under scripts/configs/
-QUICKSTART_CONFIGS = {"risclip": "quickstart.yaml", "cris": "quickstart_cris.yaml"}
+QUICKSTART_CONFIGS = {"risclip": "quickstart.yaml", "cris": "quickstart_cris.yaml", "risam": "quickstart_risam.yaml"}
 DEFAULT_METHOD = "risclip"  # its model lands in <workdir>/model (the Space's default); others in model-<method>
+# The backbones the quickstart can pretrain, in the order it does: `--<name>_pretraining_steps` each.
+PRETRAINABLE_BACKBONES = ("clip", "sam")
+DEFAULT_PRETRAINING_STEPS = {"clip": 800, "sam": 800}
+# Methods whose quickstart differs from those defaults (0: the random tiny backbone, not pretrained).
+METHOD_PRETRAINING_STEPS = {}
+# SAM pretraining settings (refseg.training.sam_pretraining; figures in its docstring and docs/risam.md).
+SAM_PRETRAINING = dict(learning_rate=2e-3, batch_size=4, objects_per_image=4,
+                       positional_embedding_std=1.0)  # the tiny SAM is random: SAM's own Fourier scale
 
 
 def parse_args(argv=None):
@@ -43,7 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="refseg-quickstart", help="where data, backbones and the model go")
     p.add_argument("--num_images", type=int, default=1000, help="RefShapes images to generate")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clip_pretraining_steps", type=int, default=800)
+    for name in PRETRAINABLE_BACKBONES:
+        p.add_argument(f"--{name}_pretraining_steps", type=int, default=None,
+                       help=f"{name.upper()} pretraining steps when the method builds on {name.upper()} (default "
+                            f"{DEFAULT_PRETRAINING_STEPS[name]}" + "".join(
+                                f", {m}: {steps[name]}" for m, steps in sorted(METHOD_PRETRAINING_STEPS.items())
+                                if name in steps) + "; 0: the random tiny one)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(QUICKSTART_CONFIGS),
                    help="which tiny model to train (its config: scripts/configs/" + ", ".join(
                        f"{m} -> {c}" for m, c in sorted(QUICKSTART_CONFIGS.items())) + ")")
@@ -52,7 +70,44 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.config is None:
         args.config = str(_SCRIPTS / "configs" / QUICKSTART_CONFIGS[args.method])
+    for name in PRETRAINABLE_BACKBONES:
+        flag = f"{name}_pretraining_steps"
+        if getattr(args, flag) is None:
+            setattr(args, flag, METHOD_PRETRAINING_STEPS.get(args.method, {}).get(name, DEFAULT_PRETRAINING_STEPS[name]))
+        elif getattr(args, flag) < 0:
+            p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     return args
+
+
+def method_backbones(method) -> tuple:
+    """The backbones `method` builds on, in the order the quickstart pretrains them (`("clip", "sam")`)."""
+    from refseg.training import get_method
+
+    names = get_method(method).backbones
+    unknown = sorted(set(names) - set(PRETRAINABLE_BACKBONES))
+    if unknown:
+        raise ValueError(f"the quickstart cannot build the tiny {unknown} backbone(s) of {method!r}")
+    return tuple(name for name in PRETRAINABLE_BACKBONES if name in names)
+
+
+def prepare_backbone(name, raw, folder, data, steps, seed, step_label) -> Path:
+    """The folder of backbone `name` for training: `folder` (pretrained now, or reused when it holds a
+    model), or the random tiny one `raw` when `steps` is 0. Prints one line labelled `step_label`."""
+    title = {"clip": "CLIP", "sam": "SAM"}[name]
+    if steps == 0:
+        print(f"{step_label} tiny {title}: the random one, not pretrained ({raw})")
+        return raw
+    if (folder / "model.safetensors").is_file():
+        print(f"{step_label} tiny {title}: reusing {folder}")
+        return folder
+    if name == "clip":
+        print(f"{step_label} pretraining the tiny CLIP on RefShapes crops ({steps} steps)")
+        pretrain_clip(raw, data, folder, steps=steps, seed=seed)
+    else:
+        print(f"{step_label} pretraining the tiny SAM on RefShapes training objects, point and box prompts "
+              f"({steps} steps)")
+        pretrain_sam(raw, data, folder, steps=steps, seed=seed, **SAM_PRETRAINING)
+    return folder
 
 
 def stage_plan(config_path, train_overrides) -> str:
@@ -75,30 +130,38 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     work = Path(args.workdir)
     t0 = time.time()
+    backbone_names = method_backbones(args.method)
+    total = 3 + len(backbone_names)  # data, one per backbone, training, results
+    label = iter(f"[{i}/{total}]" for i in range(1, total + 1))
 
     data = work / "data"
     if not (data / "refshapes" / "refs(unc).p").is_file():
         summary = make_refshapes(data, num_images=args.num_images, seed=args.seed)
-        print(f"[1/4] RefShapes: {json.dumps(summary['splits'])}")
+        print(f"{next(label)} RefShapes: {json.dumps(summary['splits'])}")
     else:
-        print(f"[1/4] RefShapes: reusing {data}")
+        print(f"{next(label)} RefShapes: reusing {data}")
 
     backbones = work / "backbones"
-    if not (backbones / "clip" / "config.json").is_file():
-        save_tiny_backbones(backbones, seed=args.seed)
-    clip = backbones / "clip-pretrained"
-    if not (clip / "model.safetensors").is_file():
-        print(f"[2/4] pretraining the tiny CLIP on RefShapes crops ({args.clip_pretraining_steps} steps)")
-        pretrain_clip(backbones / "clip", data, clip, steps=args.clip_pretraining_steps, seed=args.seed)
-    else:
-        print(f"[2/4] tiny CLIP: reusing {clip}")
+    missing = [name for name in PRETRAINABLE_BACKBONES if not (backbones / name / "config.json").is_file()]
+    if missing:  # written aside, then only the missing ones moved in: an existing one is never rewritten
+        fresh = save_tiny_backbones(backbones / ".tiny-tmp", seed=args.seed)
+        for name in missing:
+            shutil.rmtree(backbones / name, ignore_errors=True)
+            fresh[name].rename(backbones / name)
+        shutil.rmtree(backbones / ".tiny-tmp")
+    flags = []
+    for name in backbone_names:
+        folder = prepare_backbone(name, backbones / name, backbones / f"{name}-pretrained", data,
+                                  getattr(args, f"{name}_pretraining_steps"), args.seed, next(label))
+        flags += [f"--{name}", str(folder)]
 
-    print(f"[3/4] training the tiny {args.method} ({Path(args.config).name}): {stage_plan(args.config, args.train_overrides)}")
+    print(f"{next(label)} training the tiny {args.method} ({Path(args.config).name}): "
+          f"{stage_plan(args.config, args.train_overrides)}")
     model_dir = work / ("model" if args.method == DEFAULT_METHOD else f"model-{args.method}")
-    results = train.main(["--config", args.config, "--clip", str(clip), "--data_root", str(data),
+    results = train.main(["--config", args.config, *flags, "--data_root", str(data),
                           "--output_dir", str(model_dir), "--seed", str(args.seed), *args.train_overrides])
 
-    print(f"[4/4] RefShapes results of {model_dir} (percent; {time.time() - t0:.0f} s in all):")
+    print(f"{next(label)} RefShapes results of {model_dir} (percent; {time.time() - t0:.0f} s in all):")
     print(format_results_table(results))
     if "val" in results:
         print("val by kind of expression (scripts/evaluate.py --by_kind):")

@@ -47,3 +47,136 @@ def test_quickstart_says_how_many_steps_each_stage_runs():
         "locator 2 steps, refiner 1 steps")
     for method, name in quickstart.QUICKSTART_CONFIGS.items():
         assert quickstart.parse_args(["--method", method]).config.endswith(name)
+
+
+def test_quickstart_configs_parse_as_train_configs_of_their_method():
+    import quickstart
+    from train_args import parse_args
+
+    for method, name in quickstart.QUICKSTART_CONFIGS.items():
+        model_args, _, _ = parse_args(["--config", quickstart.parse_args(["--method", method]).config])
+        assert model_args.method == method and model_args.preset == f"{method}-tiny"
+
+
+def test_quickstart_pretrains_the_backbones_each_method_builds_on():
+    import quickstart
+    from refseg.training import METHODS
+
+    for method in quickstart.QUICKSTART_CONFIGS:
+        assert set(quickstart.method_backbones(method)) == set(METHODS[method].backbones)
+    assert quickstart.method_backbones("risclip") == ("clip",)
+    assert quickstart.method_backbones("risam") == ("clip", "sam")
+    with pytest.raises(ValueError, match="method"):
+        quickstart.method_backbones("nope")
+    args = quickstart.parse_args(["--method", "risam"])
+    for name in ("clip", "sam"):
+        expected = quickstart.METHOD_PRETRAINING_STEPS.get("risam", {}).get(name,
+                                                                            quickstart.DEFAULT_PRETRAINING_STEPS[name])
+        assert getattr(args, f"{name}_pretraining_steps") == expected
+    assert quickstart.parse_args(["--sam_pretraining_steps", "0"]).sam_pretraining_steps == 0
+    with pytest.raises(SystemExit):
+        quickstart.parse_args(["--sam_pretraining_steps", "-1"])
+
+
+@pytest.fixture
+def stubbed_quickstart(monkeypatch):
+    """quickstart with every heavy step replaced by a stub that records its call (`calls`) and writes
+    what the next run looks for; `train.main` returns fixed results."""
+    import quickstart
+
+    calls = []
+
+    def make_refshapes(root, **kwargs):
+        calls.append(("data", root))
+        (root / "refshapes").mkdir(parents=True)
+        (root / "refshapes" / "refs(unc).p").write_bytes(b"")
+        return {"splits": {"train": {}}}
+
+    def save_tiny_backbones(out, **kwargs):
+        calls.append(("tiny", out))
+        for name in ("clip", "sam"):
+            (out / name).mkdir(parents=True)
+            (out / name / "config.json").write_text("{}")
+        return {"clip": out / "clip", "sam": out / "sam"}
+
+    def pretrainer(name):
+        def pretrain(raw, data, folder, *, steps, seed, **kwargs):
+            calls.append((name, raw, folder, steps, kwargs))
+            folder.mkdir(parents=True)
+            (folder / "model.safetensors").write_bytes(b"")
+            return folder
+        return pretrain
+
+    results = {"val": {"mIoU": 0.5, "oIoU": 0.5, "num_samples": 1}}
+
+    def train_main(argv):
+        calls.append(("train", argv))
+        return results
+
+    monkeypatch.setattr(quickstart, "make_refshapes", make_refshapes)
+    monkeypatch.setattr(quickstart, "save_tiny_backbones", save_tiny_backbones)
+    monkeypatch.setattr(quickstart, "pretrain_clip", pretrainer("clip"))
+    monkeypatch.setattr(quickstart, "pretrain_sam", pretrainer("sam"))
+    monkeypatch.setattr(quickstart.train, "main", train_main)
+    monkeypatch.setattr(quickstart, "_evaluate_script", lambda: type("S", (), {"main": lambda argv: None}))
+    monkeypatch.setattr(quickstart, "format_results_table", lambda r: "TABLE")
+    return quickstart, calls
+
+
+def test_quickstart_risam_pretrains_clip_and_sam_and_passes_both(stubbed_quickstart, tmp_path, capsys):
+    quickstart, calls = stubbed_quickstart
+    work = tmp_path / "qs"
+    quickstart.main(["--workdir", str(work), "--method", "risam", "--clip_pretraining_steps", "7",
+                     "--sam_pretraining_steps", "5"])
+    out = capsys.readouterr().out
+    labels = [line.split()[0] for line in out.splitlines() if line.startswith("[")]
+    assert labels == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"], out
+    assert "pretraining the tiny CLIP" in out and "pretraining the tiny SAM" in out
+    backbones = work / "backbones"
+    clip, sam = [c for c in calls if c[0] == "clip"], [c for c in calls if c[0] == "sam"]
+    assert clip[0][1:4] == (backbones / "clip", backbones / "clip-pretrained", 7)
+    assert sam[0][1:4] == (backbones / "sam", backbones / "sam-pretrained", 5)
+    assert sam[0][4] == quickstart.SAM_PRETRAINING
+    argv = [c for c in calls if c[0] == "train"][0][1]
+    assert argv[argv.index("--sam") + 1] == str(backbones / "sam-pretrained")
+    assert argv[argv.index("--clip") + 1] == str(backbones / "clip-pretrained")
+    assert argv[argv.index("--output_dir") + 1] == str(work / "model-risam")
+    assert argv[argv.index("--config") + 1].endswith("quickstart_risam.yaml")
+
+    # a second run reuses data, backbones and both pretrained folders
+    calls.clear()
+    quickstart.main(["--workdir", str(work), "--method", "risam"])
+    out = capsys.readouterr().out
+    assert [c[0] for c in calls] == ["train"]
+    assert out.count("reusing") == 3, out
+
+    # steps 0: the random tiny SAM, not the cached pretrained one
+    calls.clear()
+    quickstart.main(["--workdir", str(work), "--method", "risam", "--sam_pretraining_steps", "0"])
+    argv = [c for c in calls if c[0] == "train"][0][1]
+    assert argv[argv.index("--sam") + 1] == str(backbones / "sam")
+    assert "the random one, not pretrained" in capsys.readouterr().out
+
+
+def test_quickstart_risclip_numbering_and_flags_are_unchanged(stubbed_quickstart, tmp_path, capsys):
+    quickstart, calls = stubbed_quickstart
+    quickstart.main(["--workdir", str(tmp_path / "qs")])
+    out = capsys.readouterr().out
+    labels = [line.split()[0] for line in out.splitlines() if line.startswith("[")]
+    assert labels == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"], out
+    assert not [c for c in calls if c[0] == "sam"]
+    argv = [c for c in calls if c[0] == "train"][0][1]
+    assert "--sam" not in argv and argv[argv.index("--clip") + 1].endswith("clip-pretrained")
+    assert [c[3] for c in calls if c[0] == "clip"] == [quickstart.DEFAULT_PRETRAINING_STEPS["clip"]]
+
+
+def test_quickstart_adds_a_missing_tiny_backbone_without_rewriting_the_other(stubbed_quickstart, tmp_path):
+    """A workdir from before SAM was built (backbones/clip only) gets backbones/sam; clip stays as it was."""
+    quickstart, calls = stubbed_quickstart
+    clip = tmp_path / "qs" / "backbones" / "clip"
+    clip.mkdir(parents=True)
+    (clip / "config.json").write_text('{"old": true}')
+    quickstart.main(["--workdir", str(tmp_path / "qs"), "--method", "risam"])
+    assert (clip / "config.json").read_text() == '{"old": true}'
+    assert (clip.parent / "sam" / "config.json").is_file()
+    assert not (clip.parent / ".tiny-tmp").exists()
