@@ -21,6 +21,8 @@ Adding a method's presets: write its backbone-config builders (or reuse the CLIP
 | `risam-h` | SAM ViT-H (`facebook/sam-vit-huge`) + CLIP ViT-B/16's text tower, both frozen | 1024 | 64x64 |
 | `risam-b` | SAM ViT-B (`facebook/sam-vit-base`) + CLIP ViT-B/16's text tower, both frozen | 1024 | 64x64 |
 | `risam-tiny` | `refseg.backbones.tiny_sam_config()` + `tiny_clip_config()` | 256 | 16x16 |
+| `prompt-ris-b` | CLIP ViT-B/16 (`openai/clip-vit-base-patch16`) + SAM ViT-B (`facebook/sam-vit-base`), both frozen | 480 + 1024 | 30x30 + 64x64 |
+| `prompt-ris-tiny` | `refseg.backbones.tiny_clip_config()` + `tiny_sam_config()` | 64 + 256 | 8x8 + 16x16 |
 """
 
 from dataclasses import dataclass, field
@@ -199,6 +201,36 @@ PRESETS: dict = {
         description="RISAM on the tiny SAM (32 wide, 4 blocks, 256 px, 16x16) and tiny CLIP text tower of "
         "refseg.backbones: tests and the quickstart",
         backbone_configs=lambda: {"sam_config": _tiny_sam_config(), "clip_config": _tiny_clip_config()},
+    ),
+    "prompt-ris-b": Preset(
+        method="prompt_ris",
+        backbones={"clip": "openai/clip-vit-base-patch16", "sam": "facebook/sam-vit-base"},
+        config_overrides={"image_size": 480},
+        description="Prompt-RIS on CLIP ViT-B/16 at 480 px (30x30 tokens, Cross-Modal Prompting with 16 tokens per "
+        "direction in all 12 layer pairs) and SAM ViT-B at 1024 px, both frozen; mask, point and text prompts",
+        backbone_configs=lambda: {"clip_config": clip_vit_b16_config(), "sam_config": sam_vit_config("base")},
+    ),
+    "prompt-ris-tiny": Preset(
+        method="prompt_ris",
+        backbones={},
+        config_overrides={
+            "image_size": 64,
+            # The tiny CLIP of the tests is random: its attention is near uniform, so each prompt takes a word's
+            # share of every word's attention, and with several image-derived V2L prompts (2 already) the two
+            # expressions of one image get nearly the same [EOS] feature. One token per direction keeps them apart.
+            "num_prompt_tokens": 1,
+            "cmp_hidden_size": 32,
+            "cmp_num_heads": 4,
+            "decoder_hidden_size": 64,
+            "decoder_num_heads": 4,
+            "decoder_ffn_dim": 128,
+            # The tiny SAM is random, not pretrained: its frozen mask decoder cannot be prompted into a mask.
+            "train_sam_decoder": True,
+        },
+        description="Prompt-RIS on the tiny CLIP (64 wide, 4 layers, patch 8) at 64 px and the tiny SAM (32 wide, "
+        "256 px) of refseg.backbones, one prompt token per direction, SAM's mask decoder trained: tests and the "
+        "quickstart",
+        backbone_configs=lambda: {"clip_config": _tiny_clip_config(), "sam_config": _tiny_sam_config()},
     ),
 }
 
