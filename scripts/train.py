@@ -51,12 +51,18 @@ def run_evaluation(accelerator, model, processor, eval_sets, args, step, output,
     """Score every eval split by the model output `output` (the active stage's, `MethodSpec.scored_output`).
 
     Logged as `step N <split> [<output>]: ...` and tracked as `eval/<output>/<split>/<metric>`.
+    Evaluation leaves the training random state untouched (`torch.random.fork_rng`): each eval loader
+    draws its base seed from the global generator, and a run that evaluates between checkpoints
+    must draw the same dropout masks, Gumbel noise and word masks after a resume as without one.
     """
     results = {}
+    device = accelerator.device
+    forked = [device.index or 0] if device.type == "cuda" else []
     for split, samples in eval_sets.items():
-        metrics = evaluate_split(accelerator.unwrap_model(model), processor, samples,
-                                 accelerator=accelerator, batch_size=args.per_device_eval_batch_size,
-                                 num_workers=num_workers, output=output, desc=f"eval {split} [{output}]")
+        with torch.random.fork_rng(devices=forked):
+            metrics = evaluate_split(accelerator.unwrap_model(model), processor, samples,
+                                     accelerator=accelerator, batch_size=args.per_device_eval_batch_size,
+                                     num_workers=num_workers, output=output, desc=f"eval {split} [{output}]")
         results[split] = metrics
         logger.info("step %d %s [%s]: %s", step, split, output,
                     ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "num_samples"))
@@ -126,6 +132,7 @@ def main(argv=None):
         raise ValueError(f"`stage_learning_rates` names stage(s) {unknown}; {model_args.method} has {list(spec.stages)}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, staged_lr_lambda(
         plan, kind=args.lr_scheduler, power=args.lr_power, milestones=milestones, gamma=args.lr_gamma,
+        scope=args.lr_schedule_scope,
         # a rate for a stage this run skips (e.g. `--stages locator:N` on the quickstart config) is unused
         stage_scales={name: rate / args.learning_rate for name, rate in stage_rates.items() if name in plan.names}))
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -65,6 +65,8 @@ class TrainArguments:
     lr_power: float = field(default=1.0, metadata={"help": "power of the polynomial decay"})
     lr_milestones: str = field(default="", metadata={"help": "step scheduler: comma-separated fractions of the stage"})
     lr_gamma: float = field(default=0.1, metadata={"help": "step scheduler: factor at each milestone"})
+    lr_schedule_scope: str = field(default="stage", metadata={
+        "help": "'stage': the schedule restarts at each stage; 'run': one schedule over all stages"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
     mixed_precision: Optional[str] = field(default=None, metadata={"help": "no | fp16 | bf16 (default: accelerate config)"})
     checkpointing_steps: Optional[int] = field(default=None, metadata={"help": "save a checkpoint every N updates"})

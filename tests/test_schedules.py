@@ -45,3 +45,14 @@ def test_polynomial_decay_restarts_per_stage_at_the_stage_rate():
         staged_lr_lambda(plan, stage_scales={"joint": 2.0})
     with pytest.raises(ValueError, match="lr_scheduler"):
         staged_lr_lambda(plan, kind="cosine")
+
+
+def test_run_scope_decays_once_over_every_stage():
+    plan = build_stage_plan({"locator": 4, "refiner": 2}, known_stages=STAGES, unit="steps", updates_per_epoch=1)
+    whole = staged_lr_lambda(plan, scope="run")
+    assert [whole(s) for s in range(6)] == pytest.approx([1 - s / 6 for s in range(6)])  # no restart at step 4
+    stepped = staged_lr_lambda(plan, kind="step", milestones=[0.5], scope="run")
+    assert [stepped(s) for s in range(6)] == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.1, 0.1])
+    assert staged_lr_lambda(plan, scope="run", stage_scales={"refiner": 2.0})(4) == pytest.approx(2 * 2 / 6)
+    with pytest.raises(ValueError, match="lr_schedule_scope"):
+        staged_lr_lambda(plan, scope="epoch")

@@ -109,17 +109,22 @@ def build_stage_plan(
 
 def staged_lr_lambda(plan: StagePlan, *, kind: str = "polynomial", power: float = 1.0,
                      milestones: Sequence[float] = (), gamma: float = 0.1, end_factor: float = 0.0,
-                     stage_scales: Optional[dict] = None):
-    """Multiplier of the base learning rate for global update `step`, restarting per stage.
+                     stage_scales: Optional[dict] = None, scope: str = "stage"):
+    """Multiplier of the base learning rate for global update `step`.
 
-    kind="polynomial": (1 - t)^power * (1 - end_factor) + end_factor, t = progress in the stage.
-    kind="step": gamma ** (number of `milestones` (fractions of the stage) already passed).
+    kind="polynomial": (1 - t)^power * (1 - end_factor) + end_factor.
+    kind="step": gamma ** (number of `milestones`, fractions of the span, already passed).
     kind="constant": 1.
+    t is the progress in the span `scope` names: `"stage"` (the default) restarts the schedule at
+    each stage (RISCLIP's Refiner starts at its own rate); `"run"` runs one schedule over every
+    stage of the plan (Prompt-RIS: one polynomial decay over its 20 + 30 epochs).
     `stage_scales` (`{stage: factor}`) multiplies the stages it names (e.g. a Refiner trained at
     3x the base rate); the others keep factor 1.
     """
     if kind not in ("polynomial", "step", "constant"):
         raise ValueError(f"`lr_scheduler` must be polynomial, step or constant, got {kind!r}")
+    if scope not in ("stage", "run"):
+        raise ValueError(f"`lr_schedule_scope` must be 'stage' or 'run', got {scope!r}")
     stage_scales = dict(stage_scales or {})
     unknown = set(stage_scales) - set(plan.names)
     if unknown:
@@ -128,7 +133,10 @@ def staged_lr_lambda(plan: StagePlan, *, kind: str = "polynomial", power: float 
 
     def fn(step: int) -> float:
         i = plan.stage_at(step)
-        t = (step - plan.starts[i]) / max(plan.steps[i], 1)
+        if scope == "run":
+            t = step / max(sum(plan.steps), 1)
+        else:
+            t = (step - plan.starts[i]) / max(plan.steps[i], 1)
         t = min(max(t, 0.0), 1.0)
         if kind == "polynomial":
             return scales[i] * ((1.0 - t) ** power * (1.0 - end_factor) + end_factor)
