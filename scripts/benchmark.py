@@ -72,8 +72,11 @@ def _clip_forward(clip, inputs):
 
 
 def _sam_forward(sam, inputs):
-    """The stock SAM image encoder alone (once per row of `pixel_values`)."""
-    sam(pixel_values=inputs["pixel_values"])
+    """The stock SAM image encoder alone, once per row of SAM's input: `sam_pixel_values` where the method
+    also feeds CLIP an image (Prompt-RIS), else `pixel_values` (RISAM). The method holds a `SamVisionModel`
+    (RISAM) or a whole `SamModel` (Prompt-RIS, whose prompt encoder and mask decoder are its own cost)."""
+    encoder = getattr(sam, "vision_encoder", sam)
+    encoder(pixel_values=inputs.get("sam_pixel_values", inputs["pixel_values"]))
 
 
 # backbone name (`model.backbone_attributes`) -> forward of that stock backbone alone

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The whole package in one command, on a CPU, offline.
 
-    python scripts/quickstart.py [--workdir refseg-quickstart] [--method risclip|cris|risam]
+    python scripts/quickstart.py [--workdir refseg-quickstart] [--method risclip|cris|risam|prompt_ris]
 
 1. generates RefShapes (the procedural RefCOCO-format dataset) in <workdir>/data;
 2. builds a tiny CLIP (and its BPE tokenizer) and a tiny SAM locally in <workdir>/backbones — no
@@ -39,7 +39,8 @@ from refseg.training.schedules import parse_stages
 
 _SCRIPTS = Path(__file__).resolve().parent
 # method -> its quickstart config under scripts/configs/
-QUICKSTART_CONFIGS = {"risclip": "quickstart.yaml", "cris": "quickstart_cris.yaml", "risam": "quickstart_risam.yaml"}
+QUICKSTART_CONFIGS = {"risclip": "quickstart.yaml", "cris": "quickstart_cris.yaml", "risam": "quickstart_risam.yaml",
+                      "prompt_ris": "quickstart_prompt_ris.yaml"}
 DEFAULT_METHOD = "risclip"  # its model lands in <workdir>/model (the Space's default); others in model-<method>
 # The backbones the quickstart can pretrain, in the order it does: `--<name>_pretraining_steps` each.
 PRETRAINABLE_BACKBONES = ("clip", "sam")

@@ -97,17 +97,35 @@ def make_two_referent_scenes(num_images=8, size=TWO_REFERENT_SIZE, seed=0):
     return scenes
 
 
-def scene_batch(processor, scenes, with_masks=True):
-    """Processor inputs pairing each scene's image with each of its expressions (row 2i + k)."""
+def scene_batch(processor, scenes, with_masks=True, model=None):
+    """Processor inputs pairing each scene's image with each of its expressions (row 2i + k).
+
+    With `model`, also the grouping inputs its `forward` names (`group_ids`: the scene of each row,
+    `instance_ids`: its referent), as the `grouped_by_image` training sampler gives them."""
+    import torch
+
+    from refseg.training.samples import forward_input_names
+
     images = [image for image, referents in scenes for _ in referents]
     texts = [text for _, referents in scenes for text, _ in referents]
     masks = [mask for _, referents in scenes for _, mask in referents] if with_masks else None
-    return processor(images=images, text=texts, masks=masks, return_tensors="pt")
+    batch = processor(images=images, text=texts, masks=masks, return_tensors="pt")
+    names = forward_input_names(model) if model is not None else ()
+    if "group_ids" in names:
+        batch["group_ids"] = torch.tensor([i for i, (_, referents) in enumerate(scenes) for _ in referents])
+    if "instance_ids" in names:
+        batch["instance_ids"] = torch.arange(len(texts))  # every expression names a referent of its own
+    return batch
+
+
+def tiny_preset(method):
+    """The tiny preset of `method`: `prompt_ris` -> `prompt-ris-tiny` (preset names use hyphens)."""
+    return f"{method.replace('_', '-')}-tiny"
 
 
 def train_on_scenes(method, backbones, scenes, *, first_stage_steps=80, later_stage_steps=30, learning_rate=3e-3,
                     seed=0):
-    """A tiny `method` model (its `<method>-tiny` preset on the tiny backbones) trained on `scenes`
+    """A tiny `method` model (its `tiny_preset(method)` on the tiny backbones) trained on `scenes`
     through every training stage of `refseg.training.METHODS[method]`, in eval mode at the end.
 
     Built by the training script's own `build_model_and_processor`; the optimizer holds the method's
@@ -121,14 +139,14 @@ def train_on_scenes(method, backbones, scenes, *, first_stage_steps=80, later_st
     from refseg.training.modeling import build_model_and_processor
 
     spec = get_method(method)
-    args = SimpleNamespace(preset=f"{method}-tiny", model_name_or_path=None, config_overrides=None,
+    args = SimpleNamespace(preset=tiny_preset(method), model_name_or_path=None, config_overrides=None,
                            **{name: str(backbones[name]) for name in spec.backbones})
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
         model, processor = build_model_and_processor(spec, args)
-        batch = scene_batch(processor, scenes)
+        batch = scene_batch(processor, scenes, model=model)
         batch.pop("original_sizes")
         for i, stage in enumerate(spec.stages):
             model.set_training_stage(stage)

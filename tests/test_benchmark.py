@@ -70,10 +70,10 @@ def test_benchmark_times_each_optimizer_implementation(tiny_backbones):
         benchmark.main(["--optimizer_implementations", "apex"])
 
 
-@pytest.mark.parametrize("preset", ["risclip-tiny", "cris-tiny", "risam-tiny"])
+@pytest.mark.parametrize("preset", ["risclip-tiny", "cris-tiny", "risam-tiny", "prompt-ris-tiny"])
 def test_benchmark_reports_the_backbone_and_expression_ratios(tiny_backbones, preset):
-    spec = benchmark.get_method(preset.split("-")[0])
-    size = [] if "sam" in spec.backbones else ["--image_size", "64"]  # SAM fixes its own input size
+    spec = benchmark.get_method(benchmark.PRESETS[preset].method)
+    size = [] if preset == "risam-tiny" else ["--image_size", "64"]  # RISAM's input size is SAM's own
     backbones = [arg for name in spec.backbones for arg in (f"--{name}", str(tiny_backbones[name]))]
     result = benchmark.main(["--preset", preset, *backbones, *size, "--batch_size", "2", "--steps", "1",
                              "--optimizer_implementations", "auto"])

@@ -55,7 +55,7 @@ def test_quickstart_configs_parse_as_train_configs_of_their_method():
 
     for method, name in quickstart.QUICKSTART_CONFIGS.items():
         model_args, _, _ = parse_args(["--config", quickstart.parse_args(["--method", method]).config])
-        assert model_args.method == method and model_args.preset == f"{method}-tiny"
+        assert model_args.method == method and model_args.preset == f"{method.replace('_', '-')}-tiny"
 
 
 def test_quickstart_pretrains_the_backbones_each_method_builds_on():

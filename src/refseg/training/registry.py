@@ -75,6 +75,14 @@ def _risclip_stage_epochs(num_epochs: int) -> dict:
     return {"locator": num_epochs, "refiner": 1}
 
 
+def _prompt_ris_stage_epochs(num_epochs: int) -> dict:
+    # Prompt-RIS (Sec. 4.2): 20 epochs of the coarse stage, then 30 end to end, i.e. 2:3 of the total.
+    if num_epochs < 2:
+        raise ValueError(f"Prompt-RIS trains two stages: `num_epochs` must be >= 2, got {num_epochs}")
+    coarse = max(1, min(num_epochs - 1, round(num_epochs * 2 / 5)))
+    return {"coarse": coarse, "end_to_end": num_epochs - coarse}
+
+
 def _cris_param_groups(model, learning_rate: float) -> list:
     # CRIS (Sec. 4.2 and its public code's `lr_multi`): the CLIP towers train at a fraction
     # (`config.backbone_learning_rate_scale`, 0.1) of the base rate, the neck, decoder and projector at it.
@@ -111,6 +119,18 @@ METHODS = {
         processor_class="refseg.models.risam.RisamProcessor",
         backbones=("sam", "clip"),
         stages=("default",),  # one stage: the heads, SAM's image encoder and CLIP's text tower frozen
+    ),
+    "prompt_ris": MethodSpec(
+        name="prompt_ris",
+        model_class="refseg.models.prompt_ris.PromptRisModel",
+        processor_class="refseg.models.prompt_ris.PromptRisProcessor",
+        backbones=("clip", "sam"),
+        stages=("coarse", "end_to_end"),
+        default_stage_epochs=_prompt_ris_stage_epochs,
+        # images x b sentences per batch, for Instance Contrastive Learning over the b sentences of an image
+        sampler="grouped_by_image",
+        # the coarse stage does not run SAM: judge it by the coarse map S'_C
+        stage_outputs={"coarse": "coarse_logits"},
     ),
 }
 
