@@ -38,6 +38,28 @@ def unique_rows(pixel_values: torch.Tensor):
     return torch.tensor(representatives, device=device), torch.tensor(inverse, device=device)
 
 
+def check_required_inputs(pixel_values, input_ids, extra: dict) -> None:
+    """`ValueError` for inputs a method's `forward` does not take (`extra`, its `**kwargs`) or a missing
+    `pixel_values` / `input_ids`."""
+    if extra:
+        raise ValueError(f"unexpected inputs {sorted(extra)} (pop `original_sizes` from the processor output)")
+    if pixel_values is None or input_ids is None:
+        raise ValueError("`pixel_values` and `input_ids` are required (one expression per image row)")
+
+
+def check_text_inputs(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], batch: int,
+                      max_positions: int) -> None:
+    """`ValueError` unless `input_ids` is (batch, T) with T <= `max_positions` (CLIP's text positions) and
+    `attention_mask`, when given, has its shape."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != batch:
+        raise ValueError(f"`input_ids` must be (B, T) with B = {batch} images, got {tuple(input_ids.shape)}")
+    if input_ids.shape[1] > max_positions:
+        raise ValueError(f"`input_ids` has {input_ids.shape[1]} tokens; CLIP's text tower takes at most {max_positions}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+
+
 def sine_positions_1d(length: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:
     """Fixed sine encoding of `length` positions (Vaswani et al.): (length, dim), sin on even channels,
     cos on odd ones."""
@@ -128,5 +150,5 @@ class ReferringSegmentationPreTrainedModel(PreTrainedModel):
         return loaded
 
 
-__all__ = ["LOADING_KWARGS", "ReferringSegmentationPreTrainedModel", "sine_positions_1d", "sine_positions_2d",
+__all__ = ["LOADING_KWARGS", "ReferringSegmentationPreTrainedModel", "check_required_inputs", "check_text_inputs", "sine_positions_1d", "sine_positions_2d",
            "unique_rows"]

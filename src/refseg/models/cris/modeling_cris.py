@@ -17,7 +17,7 @@ from transformers import CLIPModel
 from ...adapters.model_mixin import AdaptedModelMixin
 from ...losses import bce_loss
 from ...modeling_outputs import ReferringSegmentationOutput
-from ...modeling_utils import ReferringSegmentationPreTrainedModel, unique_rows
+from ...modeling_utils import ReferringSegmentationPreTrainedModel, check_required_inputs, check_text_inputs, unique_rows
 from .configuration_cris import TRAINING_STAGES, CrisConfig
 from .modeling_cris_heads import CrisDecoder, CrisNeck, CrisProjector
 
@@ -163,10 +163,7 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
 
     # ----------------------------------------------------------------- forward
     def _check_inputs(self, pixel_values, input_ids, attention_mask, kwargs):
-        if kwargs:
-            raise ValueError(f"unexpected inputs {sorted(kwargs)} (pop `original_sizes` from the processor output)")
-        if pixel_values is None or input_ids is None:
-            raise ValueError("`pixel_values` and `input_ids` are required (one expression per image row)")
+        check_required_inputs(pixel_values, input_ids, kwargs)
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"`pixel_values` must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}")
         patch = self.config.patch_size
@@ -176,14 +173,8 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
                 f"`pixel_values` height and width must be multiples of the patch size {patch} (at least 2 tokens), "
                 f"got {height}x{width}"
             )
-        if input_ids.dim() != 2 or input_ids.shape[0] != pixel_values.shape[0]:
-            raise ValueError(f"`input_ids` must be (B, T) with B = {pixel_values.shape[0]} images, got {tuple(input_ids.shape)}")
-        max_positions = self.config.clip_config.text_config.max_position_embeddings
-        if input_ids.shape[1] > max_positions:
-            raise ValueError(f"`input_ids` has {input_ids.shape[1]} tokens; CLIP's text tower takes at most {max_positions}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
+        check_text_inputs(input_ids, attention_mask, pixel_values.shape[0],
+                          self.config.clip_config.text_config.max_position_embeddings)
 
     def forward(
         self,

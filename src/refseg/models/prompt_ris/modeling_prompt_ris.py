@@ -26,7 +26,13 @@ from ...adapters.prompts import PromptedEncoderLayer  # noqa: F401  (registers t
 # into CLIP's layers; imported here so that exported remote code carries it)
 from ...losses import bce_loss, dice_loss, instance_contrastive_loss
 from ...modeling_outputs import ReferringSegmentationOutput
-from ...modeling_utils import LOADING_KWARGS, ReferringSegmentationPreTrainedModel, unique_rows
+from ...modeling_utils import (
+    LOADING_KWARGS,
+    ReferringSegmentationPreTrainedModel,
+    check_required_inputs,
+    check_text_inputs,
+    unique_rows,
+)
 from .configuration_prompt_ris import TRAINING_STAGES, PromptRisConfig
 from .modeling_prompt_ris_heads import (
     PromptRisCoarseDecoder,
@@ -318,10 +324,7 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
     # ----------------------------------------------------------------- forward
     def _check_inputs(self, pixel_values, input_ids, attention_mask, sam_pixel_values, group_ids, instance_ids,
                       kwargs):
-        if kwargs:
-            raise ValueError(f"unexpected inputs {sorted(kwargs)} (pop `original_sizes` from the processor output)")
-        if pixel_values is None or input_ids is None:
-            raise ValueError("`pixel_values` and `input_ids` are required (one expression per image row)")
+        check_required_inputs(pixel_values, input_ids, kwargs)
         patch = self.config.patch_size
         if (pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[2] != pixel_values.shape[3]
                 or pixel_values.shape[2] % patch or pixel_values.shape[2] < 2 * patch):
@@ -330,14 +333,7 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
                 f"gives S = {self.config.image_size}), got {tuple(pixel_values.shape)}"
             )
         batch = pixel_values.shape[0]
-        if input_ids.dim() != 2 or input_ids.shape[0] != batch:
-            raise ValueError(f"`input_ids` must be (B, T) with B = {batch} images, got {tuple(input_ids.shape)}")
-        max_positions = self.config.clip_config.text_config.max_position_embeddings
-        if input_ids.shape[1] > max_positions:
-            raise ValueError(f"`input_ids` has {input_ids.shape[1]} tokens; CLIP's text tower takes at most {max_positions}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
+        check_text_inputs(input_ids, attention_mask, batch, self.config.clip_config.text_config.max_position_embeddings)
         size = self.config.sam_image_size
         if sam_pixel_values is None:
             if self.config.training_stage != "coarse":

@@ -19,7 +19,13 @@ from transformers import initialization as init
 from ...adapters.model_mixin import AdaptedModelMixin
 from ...losses import dice_loss, sigmoid_focal_loss
 from ...modeling_outputs import ReferringSegmentationOutput
-from ...modeling_utils import LOADING_KWARGS, ReferringSegmentationPreTrainedModel, unique_rows
+from ...modeling_utils import (
+    LOADING_KWARGS,
+    ReferringSegmentationPreTrainedModel,
+    check_required_inputs,
+    check_text_inputs,
+    unique_rows,
+)
 from .configuration_risam import TRAINING_STAGES, RisamConfig
 from .modeling_risam_heads import RisamFeatureEnhancement, RisamMaskDecoder, RisamMutualAwareAttention
 
@@ -194,23 +200,14 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
 
     # ----------------------------------------------------------------- forward
     def _check_inputs(self, pixel_values, input_ids, attention_mask, kwargs):
-        if kwargs:
-            raise ValueError(f"unexpected inputs {sorted(kwargs)} (pop `original_sizes` from the processor output)")
-        if pixel_values is None or input_ids is None:
-            raise ValueError("`pixel_values` and `input_ids` are required (one expression per image row)")
+        check_required_inputs(pixel_values, input_ids, kwargs)
         size = self.config.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
             raise ValueError(
                 f"`pixel_values` must be (B, 3, {size}, {size}) (SAM's padded input), got {tuple(pixel_values.shape)}"
             )
-        if input_ids.dim() != 2 or input_ids.shape[0] != pixel_values.shape[0]:
-            raise ValueError(f"`input_ids` must be (B, T) with B = {pixel_values.shape[0]} images, got {tuple(input_ids.shape)}")
-        max_positions = self.config.clip_config.text_config.max_position_embeddings
-        if input_ids.shape[1] > max_positions:
-            raise ValueError(f"`input_ids` has {input_ids.shape[1]} tokens; CLIP's text tower takes at most {max_positions}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
+        check_text_inputs(input_ids, attention_mask, pixel_values.shape[0],
+                          self.config.clip_config.text_config.max_position_embeddings)
 
     def forward(
         self,
