@@ -13,7 +13,8 @@ AdamW implementation of `--optimizer_implementations` (the per-tensor `for-loop`
 default, against `auto` = fused, what scripts/train.py uses) and its trainable parameter count,
 inference throughput, the time of one image with 8 expressions over one image with 1 (a method
 that encodes the image once per image stays near 1; RISCLIP's PreFusion makes its image features
-depend on the text, so it pays about 8), the method's inference forward over its stock backbones'
+depend on the text, so it pays about 8) and the share of those 8 the stock CLIP towers alone take on
+the 8 pairs (Prompt-RIS's image tower sees the text, so it runs per pair), the method's inference forward over its stock backbones'
 forward alone (`BACKBONE_FORWARDS`: the cost of what the method adds), the extra resident memory at
 the peak of one training step and of one inference forward (Linux: the process's high-water mark is
 reset before each; what a frozen backbone run without autograd history saves shows in their ratio),
@@ -208,8 +209,11 @@ def main(argv=None):
         one, eight = (processor(images=images[0], text=texts[:n], return_tensors="pt") for n in (1, 8))
         for encoded in (one, eight):
             encoded.pop("original_sizes")
-        results["ratio 8_expressions/1_expression"] = (timed(lambda: model(**eight), args.steps)
-                                                      / timed(lambda: model(**one), args.steps))
+        eight_s = timed(lambda: model(**eight), args.steps)
+        results["ratio 8_expressions/1_expression"] = eight_s / timed(lambda: model(**one), args.steps)
+        if "clip" in backbones:  # what the stock CLIP towers alone cost of those 8 pairs (run once per pair)
+            results["share 8_expressions[clip towers alone]"] = timed(
+                lambda: BACKBONE_FORWARDS["clip"](backbones["clip"], eight), args.steps) / eight_s
     first, *rest = spec.stages
     if len(implementations) > 1:
         for stage in spec.stages:

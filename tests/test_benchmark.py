@@ -79,6 +79,7 @@ def test_benchmark_reports_the_backbone_and_expression_ratios(tiny_backbones, pr
                              "--optimizer_implementations", "auto"])
     # reported, not judged (no timing assertions): RISAM's ratio sits near 1, within the noise of one step
     assert result["ratio forward/backbones_forward"] > 0 and result["ratio 8_expressions/1_expression"] > 0
+    assert ("share 8_expressions[clip towers alone]" in result) == ("clip" in spec.backbones)
     assert all(result[f"train_step_s[{stage}]"] > 0 for stage in spec.stages)
     if result["inference_extra_memory_mib"] is not None:  # Linux
         assert all(result[f"train_step_extra_memory_mib[{stage}]"] > 0 for stage in spec.stages)

@@ -108,3 +108,24 @@ def test_paper_configs_carry_the_papers_settings(dataset, split_by, eval_splits)
     config = get_config(model_args.preset)
     assert (config.image_size, config.grid_size, config.sam_image_size, config.num_prompt_tokens) == (480, 30, 1024, 16)
     assert config.train_sam_decoder is False  # SAM frozen, as in the paper
+
+
+def test_the_training_processor_follows_the_model_config(tiny_backbones):
+    """`build_model_and_processor` hands the processor the config's CLIP and SAM input sizes, word length and
+    threshold (the benchmark's random paper-scale model relies on it too)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from refseg.training import get_method
+    from refseg.training.modeling import build_model_and_processor
+
+    args = SimpleNamespace(preset="prompt-ris-tiny", model_name_or_path=None, clip=str(tiny_backbones["clip"]),
+                           sam=str(tiny_backbones["sam"]),
+                           config_overrides=json.dumps({"word_length": 12, "threshold": 0.4, "image_size": 96}))
+    model, processor = build_model_and_processor(get_method("prompt_ris"), args)
+    assert (processor.word_length, processor.threshold, processor.image_size) == (12, 0.4, 96)
+    assert processor.sam_image_size == processor.padded_input_size == model.config.sam_image_size == 256
+    encoded = processor(images=Image.new("RGB", (20, 30)), text="the red circle")
+    assert encoded["input_ids"].shape[-1] == 12 and encoded["pixel_values"].shape[-1] == 96
+    assert encoded["sam_pixel_values"].shape[-1] == 256

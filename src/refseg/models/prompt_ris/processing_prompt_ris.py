@@ -64,7 +64,7 @@ class PromptRisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
     """
 
     # model config fields the training script passes to `from_backbones` (refseg.training.modeling)
-    config_fields = ("word_length", "threshold")
+    config_fields = ("word_length", "threshold", "sam_image_size")
 
     def __init__(self, image_processor=None, sam_image_processor=None, tokenizer=None, image_size: int = 480,
                  sam_image_size: int = 1024, word_length: int = 20, threshold: float = 0.5):
@@ -85,7 +85,8 @@ class PromptRisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
 
     @classmethod
     def from_backbones(cls, clip: str, sam: str, image_size: Optional[int] = None, word_length: int = 20,
-                       threshold: float = 0.5, **loading) -> "PromptRisProcessor":
+                       threshold: float = 0.5, sam_image_size: Optional[int] = None,
+                       **loading) -> "PromptRisProcessor":
         """The processor matching `PromptRisModel.from_backbones(clip=..., sam=...)`.
 
         Args:
@@ -95,13 +96,16 @@ class PromptRisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
                 model's default (480 for ViT-B/16).
             word_length (`int`): tokens per expression, as the model config's `word_length`.
             threshold (`float`): default post-processing threshold.
+            sam_image_size (`int`, *optional*): SAM's input side; defaults to the SAM checkpoint's (1024), as
+                the model's `sam_image_size`.
             **loading: passed to the `from_pretrained` calls (`revision`, `cache_dir`, `token`, ...).
         """
         from transformers import AutoImageProcessor, AutoTokenizer
 
         if image_size is None:
             image_size = PAPER_GRID * int(CLIPConfig.from_pretrained(clip, **loading).vision_config.patch_size)
-        sam_image_size = int(SamConfig.from_pretrained(sam, **loading).vision_config.image_size)
+        if sam_image_size is None:
+            sam_image_size = int(SamConfig.from_pretrained(sam, **loading).vision_config.image_size)
         image_processor = AutoImageProcessor.from_pretrained(clip, **loading)
         image_processor.size = {"height": image_size, "width": image_size}
         image_processor.do_center_crop = False
