@@ -6,6 +6,9 @@ Run locally (after `pip install -e ".[demo]"` in the refseg repository and the q
 
 - `REFSEG_MODEL`: a model folder or Hub id (any refseg method; default `DEFAULT_MODEL`, the
   quickstart's output folder, relative to the working directory).
+- `REFSEG_DTYPE`: the dtype the model runs in, one of `DTYPES` (`float32`, `bfloat16`, `float16`);
+  unset or empty: the dtype transformers loads the checkpoint in. Any other value stops the app
+  with a `ValueError` naming the variable.
 - `GRADIO_SERVER_PORT`: the port (default 7860); `GRADIO_SERVER_NAME` the interface (Gradio's own
   variable; Spaces set it to 0.0.0.0).
 
@@ -31,6 +34,8 @@ from refseg.pipelines import load_pipeline
 
 DEFAULT_MODEL = "refseg-quickstart/model"
 MODEL_ENV = "REFSEG_MODEL"
+DTYPE_ENV = "REFSEG_DTYPE"
+DTYPES = ("float32", "bfloat16", "float16")  # names transformers' `dtype=` takes
 PORT_ENV = "GRADIO_SERVER_PORT"
 DEFAULT_PORT = 7860
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused with a message
@@ -39,13 +44,26 @@ HISTORY_LENGTH = 10  # rows of the per-session history
 NUM_EXAMPLE_IMAGES = 3
 
 
+def parse_dtype(value):
+    """A `REFSEG_DTYPE` value -> its name in `DTYPES` (case and surrounding blanks ignored); `None` or
+    blank -> `None` (the checkpoint's dtype). Anything else raises `ValueError` naming the variable."""
+    if value is None or not value.strip():
+        return None
+    name = value.strip().lower()
+    if name not in DTYPES:
+        raise ValueError(f"{DTYPE_ENV}={value!r} is not a dtype the demo runs in; use one of {', '.join(DTYPES)}")
+    return name
+
+
 @functools.lru_cache(maxsize=2)
-def load_segmenter(model_path: str):
-    """The pipeline for `model_path`, loaded once per process and only read afterwards.
+def load_segmenter(model_path: str, dtype=None):
+    """The pipeline for `model_path` in `dtype` (a `DTYPES` name; `None`: the checkpoint's), loaded
+    once per process and only read afterwards.
 
     Folders exported with remote code load with refseg's own classes (no `trust_remote_code`).
     """
-    return load_pipeline(model_path, device=-1)
+    loading = {} if dtype is None else {"dtype": dtype}
+    return load_pipeline(model_path, device=-1, **loading)
 
 
 def parse_expressions(text) -> list[str]:
@@ -119,9 +137,10 @@ def make_examples(folder, num_images: int = NUM_EXAMPLE_IMAGES, seed: int = 0) -
     return examples
 
 
-def build_demo(model_path: str = DEFAULT_MODEL, examples_dir=None) -> gr.Blocks:
-    """The Blocks app for the model at `model_path` (folder or Hub id); loads the model now."""
-    segmenter = load_segmenter(str(model_path))
+def build_demo(model_path: str = DEFAULT_MODEL, examples_dir=None, dtype=None) -> gr.Blocks:
+    """The Blocks app for the model at `model_path` (folder or Hub id) in `dtype` (a `DTYPES` name;
+    `None`: the checkpoint's); loads the model now."""
+    segmenter = load_segmenter(str(model_path), parse_dtype(dtype))
     default_threshold = float(getattr(segmenter.model.config, "threshold", 0.5))
     examples_dir = examples_dir or tempfile.mkdtemp(prefix="refseg-demo-examples-")
     examples = make_examples(examples_dir)
@@ -133,7 +152,8 @@ def build_demo(model_path: str = DEFAULT_MODEL, examples_dir=None) -> gr.Blocks:
     with gr.Blocks(title="refseg: referring image segmentation") as demo:
         gr.Markdown(
             "# Referring image segmentation\n"
-            f"Model: `{model_path}`. Upload an image, write one referring expression per line "
+            f"Model: `{model_path}` ({str(segmenter.model.dtype).removeprefix('torch.')}). Upload an image, "
+            "write one referring expression per line "
             "(for example *the red circle*), and press **Segment**: each expression gets its own mask."
         )
         history = gr.State([])
@@ -156,7 +176,9 @@ def build_demo(model_path: str = DEFAULT_MODEL, examples_dir=None) -> gr.Blocks:
 
 
 def main() -> None:
-    demo = build_demo(os.environ.get(MODEL_ENV, DEFAULT_MODEL))
+    dtype = parse_dtype(os.environ.get(DTYPE_ENV))  # checked before the model loads
+    options = {} if dtype is None else {"dtype": dtype}
+    demo = build_demo(os.environ.get(MODEL_ENV, DEFAULT_MODEL), **options)
     demo.launch(server_port=int(os.environ.get(PORT_ENV, DEFAULT_PORT)))
 
 

@@ -123,13 +123,15 @@ class ReferringSegmentationPreTrainedModel(PreTrainedModel):
     def _from_clip(cls, clip, **overrides):
         """`cls(config, clip_model=...)` on `CLIPModel.from_pretrained(clip)`: `overrides` are config fields,
         except `LOADING_KWARGS`, which go to `from_pretrained`. The loaded CLIP's attention implementation
-        becomes the config's (and so its sub-configs')."""
+        becomes the config's (and so its sub-configs'); the modules the method adds take the loaded CLIP's
+        dtype (`dtype=torch.bfloat16` gives a bf16 model, not bf16 CLIP and fp32 heads)."""
         loading = {k: overrides.pop(k) for k in LOADING_KWARGS if k in overrides}
         clip_model = CLIPModel.from_pretrained(clip, **loading)
         attn_implementation = clip_model.config._attn_implementation
         config = cls.config_class(clip_config=clip_model.config, **overrides)
         config._attn_implementation = attn_implementation  # sets it on the CLIP sub-configs too
-        return cls(config, clip_model=clip_model)
+        model = cls(config, clip_model=clip_model)
+        return model.to(clip_model.dtype)  # the added modules are built in the default dtype
 
     def _stock_clip(self, clip_model: Optional[CLIPModel] = None) -> CLIPModel:
         """`clip_model` (loaded by `from_backbones`), or a randomly initialised stock `CLIPModel` of

@@ -29,6 +29,10 @@ either (one result list per image). Output per image: a list with one dict per e
 The threshold is the `threshold` call/constructor argument, else the model config's `threshold`,
 else the processor's default.
 
+`pipeline(TASK, model=..., dtype=torch.bfloat16)` (or `load_pipeline(..., dtype=...)`) loads the model
+in that dtype: the processor's floating inputs are cast to the model's dtype, and the logits are
+upcast to float32 before the masks and scores are made.
+
 Only torch, numpy, PIL, transformers and `processing_utils` are imported, so the module travels
 with exported model code.
 """

@@ -26,6 +26,8 @@ probability inside the mask).
 
 - Model: the `REFSEG_MODEL` environment variable (a Hub id or a folder; set it in the Space
   settings), default `refseg-quickstart/model`, the folder refseg's quickstart writes.
+- Dtype: `REFSEG_DTYPE`, one of `float32`, `bfloat16`, `float16` (unset: the checkpoint's dtype);
+  any other value stops the app at start-up with an error naming the variable.
 - API: the named endpoint `/segment` takes `(image, text)` and optionally `threshold`:
 
 ```python

@@ -204,7 +204,7 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
         attn_implementation = clip_model.config._attn_implementation  # read first: building a config resets it
         config = cls.config_class(clip_config=clip_model.config, sam_config=sam_model.config, **overrides)
         config._attn_implementation = attn_implementation  # sets it on the CLIP and SAM sub-configs too
-        return cls(config, clip_model=clip_model, sam_model=sam_model)
+        return cls(config, clip_model=clip_model, sam_model=sam_model).to(clip_model.dtype)  # added modules too
 
     # ----------------------------------------------------------------- stages
     def set_training_stage(self, stage: str) -> None:
@@ -248,7 +248,9 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
 
     def get_sam_image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         """SAM's image encoder (stock `SamModel.get_image_embeddings`, no autograd history), once per distinct row
-        when `config.share_image_encoding`: (B, D_S, h, w)."""
+        when `config.share_image_encoding`: (B, D_S, h, w). The input is cast to SAM's dtype (SAM's patch embedding
+        does not cast it, unlike CLIP's)."""
+        sam_pixel_values = sam_pixel_values.to(self.sam.dtype)
         if self.config.share_image_encoding and sam_pixel_values.shape[0] > 1:
             representatives, inverse = unique_rows(sam_pixel_values)
             embeddings = self.sam.get_image_embeddings(sam_pixel_values[representatives])

@@ -164,7 +164,7 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
         sam_config._name_or_path, clip_config._name_or_path = str(sam), str(clip)
         config = cls.config_class(sam_config=sam_config, clip_config=clip_config, **overrides)
         config._attn_implementation = sam_model.config._attn_implementation
-        return cls(config, sam_model=sam_model, clip_model=clip_model)
+        return cls(config, sam_model=sam_model, clip_model=clip_model).to(clip_model.dtype)  # added modules too
 
     # ----------------------------------------------------------------- the one stage
     def set_training_stage(self, stage: str) -> None:
@@ -181,7 +181,7 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
         """SAM's image encoder alone: `pixel_values` (U, 3, S, S) -> (F_v1, F_v2, F_v3), the outputs of the
         blocks `config.feature_layers`, each (U, h, w, C_sam)."""
         with _encoder_context(self.sam):
-            hidden = self.sam(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+            hidden = self.sam(pixel_values=pixel_values.to(self.sam.dtype), output_hidden_states=True).hidden_states
         return tuple(hidden[i + 1] for i in self.config.feature_layers)  # hidden[0]: the patch embeddings
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

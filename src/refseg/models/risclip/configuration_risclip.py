@@ -59,6 +59,16 @@ class RisclipConfig(PreTrainedConfig):
             1-based CLIP image layers whose outputs (before any fusion) feed the Refiner layers, in order;
             0 is the embedding output (patch + position embeddings after CLIP's pre-LN, the paper's f_0).
             Indices deeper than the image tower are clipped to its depth.
+        refiner_projection_dim (`int`, *optional*):
+            Channels each Refiner feature map is reduced to by a 1x1 conv at CLIP's token grid, before it is
+            upsampled to the Refiner layer's resolution (a departure from the paper's figure, which
+            concatenates the raw CLIP features; it saves most of the Refiner's cost at RISCLIP-B scale).
+            `None` (the default for now) keeps the paper's literal design (the raw `hidden_size`-channel
+            features upsampled): with 64 the tiny test model has not yet matched its accuracy (docs/risclip.md).
+        share_image_encoding (`bool`, *optional*, defaults to `True`):
+            At inference, run the text-free prefix of the image tower (the layers before the first PreFusion,
+            with their Backbone Adapters) once per distinct row of `pixel_values` (one image paired with
+            several expressions) and expand it afterwards. Training batches are unchanged.
         locator_logit_scale_init (`float`, *optional*, defaults to 10.0):
             Initial scale of the Locator's cosine similarity (learned in log space): cosines in [-1, 1] map to
             logits in [-10, 10] + bias.
@@ -118,6 +128,8 @@ class RisclipConfig(PreTrainedConfig):
     fusion_mlp_ratio: float = 4.0
     refiner_hidden_sizes: list | tuple = (256, 128, 64, 32)
     refiner_feature_layers: list | tuple = (4, 3, 2, 1)
+    refiner_projection_dim: int | None = None
+    share_image_encoding: bool = True
     locator_logit_scale_init: float = 10.0
     locator_logit_bias_init: float = -2.0
     dice_loss_weight: float = 1.0
@@ -190,6 +202,12 @@ class RisclipConfig(PreTrainedConfig):
                 f"`refiner_feature_layers` ({self.refiner_feature_layers}) needs one entry per Refiner layer "
                 f"(`refiner_hidden_sizes` has {len(self.refiner_hidden_sizes)})"
             )
+        if self.refiner_projection_dim is not None and (
+                isinstance(self.refiner_projection_dim, bool) or not isinstance(self.refiner_projection_dim, int)
+                or self.refiner_projection_dim < 1):
+            raise ValueError(f"`refiner_projection_dim` must be None or an int >= 1, got {self.refiner_projection_dim!r}")
+        if not isinstance(self.share_image_encoding, bool):
+            raise ValueError(f"`share_image_encoding` must be a bool, got {self.share_image_encoding!r}")
         if any(i < 0 for i in self.refiner_feature_layers):
             raise ValueError(
                 f"`refiner_feature_layers` are 1-based layer indices (0: the embeddings), got {self.refiner_feature_layers!r}"

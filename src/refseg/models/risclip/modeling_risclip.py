@@ -28,7 +28,7 @@ from ...adapters.layers import encoder_layer_forward
 from ...adapters.model_mixin import AdaptedModelMixin
 from ...losses import dice_loss, sigmoid_focal_loss
 from ...modeling_outputs import ReferringSegmentationOutput
-from ...modeling_utils import ReferringSegmentationPreTrainedModel
+from ...modeling_utils import ReferringSegmentationPreTrainedModel, unique_rows
 from .configuration_risclip import TRAINING_STAGES, RisclipConfig
 from .modeling_risclip_heads import RisclipLocator, RisclipRefiner
 
@@ -49,7 +49,8 @@ class RisclipPreTrainedModel(ReferringSegmentationPreTrainedModel):
     routes the adapter modules found inside the CLIP tree to this class's `_init_weights` and the
     wrapped stock modules (`base_layer`) to CLIP's own, which skips anything loaded from a checkpoint.
     Adapters, fusion blocks and the Locator take their own initial values; the Refiner's convolutions
-    and norms those of `ReferringSegmentationPreTrainedModel`.
+    and norms those of `ReferringSegmentationPreTrainedModel`, except its feature projections and final
+    projection (`RisclipRefiner.reset_projections`: fan-in unit gain; normal with `initializer_range`).
     """
 
     config_class = RisclipConfig
@@ -66,6 +67,8 @@ class RisclipPreTrainedModel(ReferringSegmentationPreTrainedModel):
             return
         if isinstance(module, RisclipLocator):
             module.reset_parameters()
+        elif isinstance(module, RisclipRefiner):  # visited after its convs: their generic init is overridden
+            module.reset_projections(self.config.initializer_range)
         else:
             super()._init_weights(module)
 
@@ -144,7 +147,8 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
             for _ in range(config.num_post_fusion_layers)
         )
         self.locator = RisclipLocator(config.locator_logit_scale_init, config.locator_logit_bias_init)
-        self.refiner = RisclipRefiner(vision_cfg.hidden_size, config.refiner_hidden_sizes)
+        self.refiner = RisclipRefiner(vision_cfg.hidden_size, config.refiner_hidden_sizes,
+                                      projection_dim=config.refiner_projection_dim)
         self.post_init()
         self.set_training_stage(config.training_stage)
 
@@ -187,6 +191,7 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
                 arguments for `from_pretrained` (`dtype`, `revision`, `cache_dir`, `token`,
                 `local_files_only`, `attn_implementation`, `device_map`). `image_size` defaults to
                 40 x the patch size (the paper's 40x40 grid: 640 for ViT-B/16, 560 for ViT-L/14).
+                The modules RISCLIP adds take the loaded CLIP's dtype (e.g. `dtype=torch.bfloat16`).
         """
         return cls._from_clip(clip, **overrides)
 
@@ -225,6 +230,11 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
     def _encode(self, pixel_values, input_ids, attention_mask):
         """Both towers in lockstep, PreFusion between the paired last layers.
 
+        The image layers before the first PreFusion (with their Backbone Adapters) do not read the
+        text: at inference with `config.share_image_encoding` they run once per distinct row of
+        `pixel_values` (`unique_rows`) and are expanded to every row before the fused layers. Training
+        keeps one row per pair (dropout would otherwise be shared between the pairs of an image).
+
         Returns the image hidden states after the last layer (its patch tokens from MaskCLIP's value
         path), the text hidden states, and the Refiner's visual features `{layer: (B, 1+N, C)}`.
         """
@@ -234,6 +244,13 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
         wanted = set(self.config.refiner_feature_layers)
         features = {}
 
+        inverse = None  # row -> its distinct image, when the text-free prefix runs once per image
+        if self.config.share_image_encoding and not self.training and pixel_values.shape[0] > 1:
+            representatives, inverse = unique_rows(pixel_values)
+            if len(representatives) < pixel_values.shape[0]:
+                pixel_values = pixel_values[representatives]
+            else:
+                inverse = None
         h_v = vision.pre_layrnorm(vision.embeddings(pixel_values, interpolate_pos_encoding=True))
         if 0 in wanted:
             features[0] = h_v
@@ -253,6 +270,9 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
 
         for i in range(n_v - n_fused):
             h_v = run_vision(i, h_v)
+        if inverse is not None:  # (distinct images, 1+N, C) -> (B, 1+N, C), prefix features too
+            h_v = h_v[inverse]
+            features = {layer: feature[inverse] for layer, feature in features.items()}
         for j in range(n_t - n_fused):
             h_t = run_text(j, h_t)
         for p in range(n_fused):  # shallowest fused pair first, i.e. pre_fusion[n_fused - 1]
