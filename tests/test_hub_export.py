@@ -517,3 +517,30 @@ def test_export_takes_the_license_from_the_backbone_the_config_records(trained, 
     card = ModelCard.load(export(model, processor, tmp_path / "preset", remote_code=False,
                                  card_data="risclip-tiny") / "README.md")
     assert card.data.license == "apache-2.0"  # the card data's wins
+
+
+PAPER_PROMPT_RIS_B = {  # Table 1 of the Prompt-RIS paper: (mIoU, oIoU)
+    ("RefCOCO", "val"): (78.10, 76.36), ("RefCOCO", "testA"): (81.21, 80.37), ("RefCOCO", "testB"): (74.64, 72.29),
+    ("RefCOCO+", "val"): (71.13, 67.06), ("RefCOCO+", "testA"): (76.60, 73.58), ("RefCOCO+", "testB"): (64.25, 58.96),
+    ("RefCOCOg (Google)", "val"): (69.17, 64.79), ("RefCOCOg (UMD)", "val"): (70.47, 67.16),
+    ("RefCOCOg (UMD)", "test"): (71.29, 69.01),
+}
+
+
+def test_prompt_ris_cards_keep_the_papers_table_apart_and_name_both_backbones(tmp_path):
+    from refseg.presets import PRESETS
+
+    path = tmp_path / "README.md"
+    build_model_card("prompt-ris-b", repo_id="refseg-test/prompt-ris-b").save(path)
+    card = ModelCard.load(path)
+    backbones = PRESETS["prompt-ris-b"].backbones
+    assert card.data.base_model == [backbones["clip"], backbones["sam"]]
+    assert _base_model_line(card) == f"- **Base model:** `{backbones['clip']}`, `{backbones['sam']}`"
+    assert {"refseg", "prompt_ris", "sam", "clip", "custom_code"} <= set(card.data.tags)
+    assert card.data.eval_results is None  # paper numbers never enter model-index
+    rows = parse_table(card.content, "### Reported in the paper")
+    assert {(r[0], r[1]): (float(r[2]), float(r[3])) for r in rows} == PAPER_PROMPT_RIS_B
+    assert "combined" in card.content.split("### Reported in the paper", 1)[1].split("| Dataset |", 1)[0]
+    tiny = build_model_card("prompt-ris-tiny", eval_results=EVAL_RESULTS, repo_id="refseg-test/prompt-ris-tiny")
+    assert "The Prompt-RIS paper reports no results for this test-scale configuration." in tiny.content
+    assert {r.dataset_type for r in tiny.data.eval_results} == {"refshapes"}
