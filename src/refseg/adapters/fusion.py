@@ -26,6 +26,11 @@ from .layers import AdapterModule
 class FusionAttention(AdapterModule):
     """Multi-head attention whose queries come from one stream and keys/values from another.
 
+    `softmax(q_h k_h^T * exp(t_h) / sqrt(d_h) + mask) v_h` per head, through SDPA. For a few queries on
+    many keys (`folds_keys`: the text tokens reading the image tokens) the key and value projections are
+    folded into the queries (`_attend_folded`), which never projects the keys; same equations, same
+    parameters, so saved weights load either way.
+
     Args:
         dim (`int`): width of queries, keys and values (and of the output).
         num_heads (`int`): heads; `dim` must be divisible by it.
@@ -74,20 +79,63 @@ class FusionAttention(AdapterModule):
 
         `key_padding_mask` (B, Nk): 1/True for real tokens, 0/False for padding (never attended).
         """
+        mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, Nk)
+        if self.folds_keys(queries.shape[1], keys.shape[1]):
+            out = self._attend_folded(queries, keys, mask)
+        else:
+            out = self._attend(queries, keys, mask)
+        return self.out_proj(out)
+
+    def folds_keys(self, num_queries: int, num_keys: int) -> bool:
+        """Whether `forward` moves the key/value projections onto the queries (`_attend_folded`): when that
+        costs fewer multiply-adds, i.e. for a few queries on many keys (text tokens reading 1,600 image tokens),
+        where projecting every key dominates."""
+        dim, heads = self.num_heads * self.head_dim, self.num_heads
+        # per batch row and 1/(2D): projected keys Nk D + attention Nq Nk vs. folding Nq D + attention H Nq Nk
+        return num_keys * (dim - (heads - 1) * num_queries) > num_queries * dim
+
+    def _dropout_p(self) -> float:
+        return self.dropout if self.training else 0.0
+
+    def _attend(self, queries: torch.Tensor, keys: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """softmax(q_h k_h^T * exp(t_h) / sqrt(d_h)) v_h per head; (B, Nq, D) before `out_proj`."""
         q = self._heads(self.q_proj(queries))
         k = self._heads(self.k_proj(keys))
         v = self._heads(self.v_proj(keys))
         if self.temperature is not None:
             q = q * self.temperature.exp().view(1, -1, 1, 1)
-        mask = None
-        if key_padding_mask is not None:
-            mask = key_padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, Nk)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            scale=1.0 / math.sqrt(self.head_dim),
-        )
-        out = out.transpose(1, 2).reshape(queries.shape[0], queries.shape[1], -1)
-        return self.out_proj(out)
+            q, k, v, attn_mask=mask, dropout_p=self._dropout_p(), scale=1.0 / math.sqrt(self.head_dim)
+        )  # (B, H, Nq, d_h), laid out so that the transpose below is a view
+        return out.transpose(1, 2).reshape(queries.shape[0], queries.shape[1], -1)
+
+    def _attend_folded(self, queries: torch.Tensor, keys: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """`_attend` with the key and value projections folded into the queries (the same equations):
+
+            q_h . (W_k,h x_j + b_k,h) = [q_h W_k,h, q_h . b_k,h] . [x_j, 1]
+            sum_j p_hj (W_v,h x_j + b_v,h) = W_v,h (sum_j p_hj x_j) + (sum_j p_hj) b_v,h
+
+        Every head attends over the same raw keys [x_j, 1] (one SDPA call, heads stacked along the queries),
+        and the last channel of its output is sum_j p_hj (1, or what dropout left of it), so `b_v` is exact
+        under dropout too. The keys are never projected: O(Nq D^2 + H Nq Nk D) instead of O(Nk D^2 + Nq Nk D).
+        """
+        batch, num_queries, _ = queries.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        q = self.q_proj(queries).view(batch, num_queries, heads, head_dim)
+        if self.temperature is not None:
+            q = q * self.temperature.exp().view(1, 1, -1, 1)
+        folded_q = torch.cat([
+            torch.einsum("bnhe,hed->bhnd", q, self.k_proj.weight.view(heads, head_dim, -1)),
+            torch.einsum("bnhe,he->bhn", q, self.k_proj.bias.view(heads, head_dim)).unsqueeze(-1),
+        ], dim=-1).reshape(batch, 1, heads * num_queries, -1)  # (B, 1, H*Nq, D+1)
+        raw_keys = torch.cat([keys, keys.new_ones(*keys.shape[:2], 1)], dim=-1).unsqueeze(1)  # (B, 1, Nk, D+1)
+        attended = F.scaled_dot_product_attention(
+            folded_q, raw_keys, raw_keys, attn_mask=mask, dropout_p=self._dropout_p(),
+            scale=1.0 / math.sqrt(head_dim),
+        ).reshape(batch, heads, num_queries, -1)  # [sum_j p_hj x_j, sum_j p_hj]
+        values = torch.einsum("bhnd,hed->bnhe", attended[..., :-1], self.v_proj.weight.view(heads, head_dim, -1))
+        values = values + attended[..., -1:].transpose(1, 2) * self.v_proj.bias.view(heads, head_dim)
+        return values.reshape(batch, num_queries, -1)
 
 
 class FusionMLP(nn.Module):
