@@ -5,6 +5,8 @@
         [--config_overrides '{"refiner_hidden_sizes": [32, 32, 32], "refiner_feature_layers": [3, 1, 0]}']
     python scripts/benchmark.py --preset risam-tiny
     python scripts/benchmark.py --preset risam-b --random_backbones --batch_size 1 --steps 1
+    python scripts/benchmark.py --preset risclip-b --random_backbones --image_size 640 --batch_size 1 --steps 1 \
+        --warmup 1 --skip_training --dtypes float32,bfloat16   # issue-size RISCLIP-B: towers, shares, bf16
 
 Builds the preset on locally made tiny backbones (or `--clip` / `--sam <folder>` for real checkpoints, or
 `--random_backbones`: the preset's own architecture with random weights, built offline) and
@@ -21,11 +23,16 @@ reset before each; what a frozen backbone run without autograd history saves sho
 and peak resident memory (`ru_maxrss`). The
 tests assert no timing; the numbers are for docs/training.md and for comparing changes on one machine.
 `--config_overrides` sets config fields on top of the preset's, e.g. the quickstart's Refiner.
+`--module_shares` times the share of one inference forward spent in named submodules (forward hooks;
+default `MODULE_SHARES[method]`), `--dtypes float32,bfloat16` also times the forward of a copy cast whole
+to each dtype (with its largest logit difference from float32), `--stages` / `--skip_training` choose the
+training steps timed, `--warmup` the untimed calls before each measurement (3).
 """
 
 import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
 
 import argparse
+import copy
 import json
 import resource
 import tempfile
@@ -55,7 +62,21 @@ def parse_args(argv=None):
     p.add_argument("--config_overrides", default=None,
                    help="JSON object of config fields set on top of the preset's (as in scripts/train.py)")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after 3 warm-up steps)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after `--warmup` steps)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    p.add_argument("--skip_training", action="store_true",
+                   help="time inference only (no training step, no trainable-parameter counts)")
+    p.add_argument("--skip_inference", action="store_true",
+                   help="time the training steps only (no inference, module shares, expressions or dtypes)")
+    p.add_argument("--stages", default=None,
+                   help="comma-separated training stages to time (default: every stage of the method)")
+    p.add_argument("--dtypes", default="float32",
+                   help="comma-separated dtypes of the inference forward (e.g. float32,bfloat16): each is a copy "
+                        "of the model cast whole, timed and compared with the model's own dtype (float32), "
+                        "which is skipped")
+    p.add_argument("--module_shares", default=None,
+                   help="comma-separated submodule names (default: the method's MODULE_SHARES) whose share of one "
+                        "inference forward is timed with hooks; a ModuleList counts as the sum of its members")
     p.add_argument("--optimizer_implementations", default="for-loop,auto",
                    help="comma-separated AdamW implementations to time (refseg.training.optim.IMPLEMENTATIONS)")
     p.add_argument("--threads", type=int, default=None)
@@ -82,6 +103,53 @@ def _sam_forward(sam, inputs):
 
 # backbone name (`model.backbone_attributes`) -> forward of that stock backbone alone
 BACKBONE_FORWARDS = {"clip": _clip_forward, "sam": _sam_forward}
+
+
+# method -> submodules whose share of one inference forward `--module_shares` times by default. Nested names
+# overlap: RISCLIP's PreFusion blocks run inside CLIP's image layers. The CLIP methods run the towers' layers
+# themselves (not `vision_model.forward`), so their layer lists are timed.
+MODULE_SHARES = {
+    "risclip": "clip.vision_model.encoder.layers,clip.text_model.encoder.layers,pre_fusion,post_fusion,locator,refiner",
+    "cris": "clip.vision_model.encoder.layers,clip.text_model.encoder.layers,neck,decoder,projector",
+    "risam": "sam,clip",
+    "prompt_ris": "clip.vision_model.encoder.layers,clip.text_model.encoder.layers,sam.vision_encoder,sam.mask_decoder",
+}
+
+
+def module_shares(model, names, forward, steps, warmup):
+    """{name: seconds in `name` / seconds of `forward()`} over `steps` calls of `forward` (after `warmup`),
+    timed with forward pre/post hooks; a `ModuleList` (never called itself) sums its members' calls."""
+    spent = {name: 0.0 for name in names}
+    handles = []
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"`module_shares`: {type(model).__name__} has no submodule {name!r}") from None
+        members = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
+        for member in members:
+            starts = []
+
+            def pre(_module, _args, starts=starts):
+                starts.append(time.perf_counter())
+
+            def post(_module, _args, _output, starts=starts, name=name):
+                spent[name] += time.perf_counter() - starts.pop()
+
+            handles += [member.register_forward_pre_hook(pre), member.register_forward_hook(post)]
+    try:
+        for _ in range(warmup):
+            forward()
+        spent.update({name: 0.0 for name in names})
+        total = timed(forward, steps, warmup=0) * steps
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: seconds / total for name, seconds in spent.items()}
+
+
+def _cast_inputs(inputs, dtype):
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def _memory_kib():
@@ -128,6 +196,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    dtypes = [name.strip() for name in args.dtypes.split(",") if name.strip()]
+    bad = [name for name in dtypes if not isinstance(getattr(torch, name, None), torch.dtype)]
+    if bad or not dtypes:
+        raise ValueError(f"`dtypes` must name torch dtypes such as float32,bfloat16, got {bad or '[]'}")
     implementations = [name.strip() for name in args.optimizer_implementations.split(",") if name.strip()]
     unknown = sorted(set(implementations) - set(IMPLEMENTATIONS))
     if unknown or not implementations:
@@ -166,7 +238,13 @@ def main(argv=None):
     batch.pop("original_sizes")
     results = {"preset": args.preset, "image_size": model.config.image_size, "batch_size": args.batch_size,
                "threads": torch.get_num_threads(), "config_overrides": json.dumps(extra, sort_keys=True)}
-    for stage in spec.stages:
+    stages = [] if args.skip_training else list(spec.stages)
+    if args.stages:
+        stages = [name.strip() for name in args.stages.split(",") if name.strip()]
+        if not stages or set(stages) - set(spec.stages) or args.skip_training:
+            raise ValueError(f"`stages` must name stages of {preset.method} ({', '.join(spec.stages)}) and not be "
+                             f"combined with `skip_training`, got {args.stages!r}")
+    for stage in stages:
         model.set_training_stage(stage)
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -181,7 +259,7 @@ def main(argv=None):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            results[f"train_step_s[{stage}, {implementation}]"] = timed(step, args.steps)
+            results[f"train_step_s[{stage}, {implementation}]"] = timed(step, args.steps, args.warmup)
             model.load_state_dict(state)  # every implementation times the same weights
         results[f"train_step_s[{stage}]"] = results[f"train_step_s[{stage}, {implementations[-1]}]"]
         optimizer = build_optimizer(spec.param_groups(model, 1e-4) if spec.param_groups else trainable,
@@ -195,37 +273,59 @@ def main(argv=None):
         one_step()  # the optimizer state exists before the measured step
         results[f"train_step_extra_memory_mib[{stage}]"] = peak_extra_memory_mib(one_step)
         model.load_state_dict(state)
-    model.eval()
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with torch.no_grad():
-        results["inference_extra_memory_mib"] = peak_extra_memory_mib(lambda: model(**inputs))
-        forward_s = timed(lambda: model(**inputs), args.steps)
-        results["inference_samples_per_s"] = args.batch_size / forward_s
-        backbones = {name: getattr(model, attr) for name, attr in model.backbone_attributes.items()}
-        backbone_s = timed(lambda: [BACKBONE_FORWARDS[name](module, inputs) for name, module in backbones.items()],
-                           args.steps)
-        results["ratio forward/backbones_forward"] = forward_s / backbone_s
-        texts = [f"the {c} shape" for c in ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")]
-        one, eight = (processor(images=images[0], text=texts[:n], return_tensors="pt") for n in (1, 8))
-        for encoded in (one, eight):
-            encoded.pop("original_sizes")
-        eight_s = timed(lambda: model(**eight), args.steps)
-        results["ratio 8_expressions/1_expression"] = eight_s / timed(lambda: model(**one), args.steps)
-        if "clip" in backbones:  # what the stock CLIP towers alone cost of those 8 pairs (run once per pair)
-            results["share 8_expressions[clip towers alone]"] = timed(
-                lambda: BACKBONE_FORWARDS["clip"](backbones["clip"], eight), args.steps) / eight_s
+    if not args.skip_inference:
+        model.eval()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        steps, warmup = args.steps, args.warmup
+        with torch.no_grad():
+            results["inference_extra_memory_mib"] = peak_extra_memory_mib(lambda: model(**inputs))
+            forward_s = timed(lambda: model(**inputs), steps, warmup)
+            results["inference_forward_s"] = forward_s
+            results["inference_samples_per_s"] = args.batch_size / forward_s
+            backbones = {name: getattr(model, attr) for name, attr in model.backbone_attributes.items()}
+            backbone_s = timed(lambda: [BACKBONE_FORWARDS[name](module, inputs) for name, module in backbones.items()],
+                               steps, warmup)
+            results["backbones_forward_s"] = backbone_s
+            results["ratio forward/backbones_forward"] = forward_s / backbone_s
+            names = args.module_shares or MODULE_SHARES.get(preset.method, "")
+            names = [name.strip() for name in names.split(",") if name.strip()]
+            for name, share in module_shares(model, names, lambda: model(**inputs), steps, warmup).items():
+                results[f"share forward[{name}]"] = share
+            texts = [f"the {c} shape" for c in ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")]
+            one, eight = (processor(images=images[0], text=texts[:n], return_tensors="pt") for n in (1, 8))
+            for encoded in (one, eight):
+                encoded.pop("original_sizes")
+            one_s, eight_s = timed(lambda: model(**one), steps, warmup), timed(lambda: model(**eight), steps, warmup)
+            results["1_expression_s"], results["8_expressions_s"] = one_s, eight_s
+            results["ratio 8_expressions/1_expression"] = eight_s / one_s
+            if "clip" in backbones:  # what the stock CLIP towers alone cost of those 8 pairs (run once per pair)
+                results["share 8_expressions[clip towers alone]"] = timed(
+                    lambda: BACKBONE_FORWARDS["clip"](backbones["clip"], eight), steps, warmup) / eight_s
+            reference = model(**inputs).logits.float()
+            own = str(next(model.parameters()).dtype).removeprefix("torch.")
+            for name in dtypes:
+                dtype = getattr(torch, name)
+                if dtype == next(model.parameters()).dtype:
+                    continue
+                cast = copy.deepcopy(model).to(dtype)
+                cast_inputs = _cast_inputs(inputs, dtype)
+                results[f"inference_forward_s[{name}]"] = timed(lambda: cast(**cast_inputs), steps, warmup)
+                results[f"ratio forward[{name}]/forward[{own}]"] = results[f"inference_forward_s[{name}]"] / forward_s
+                difference = (cast(**cast_inputs).logits.float() - reference).abs().max().item()
+                results[f"max_abs_logit_difference[{name}]"] = difference
+                del cast
     first, *rest = spec.stages
     if len(implementations) > 1:
-        for stage in spec.stages:
+        for stage in stages:
             results[f"ratio train_step[{stage}, {implementations[-1]}]/[{stage}, {implementations[0]}]"] = (
                 results[f"train_step_s[{stage}, {implementations[-1]}]"]
                 / results[f"train_step_s[{stage}, {implementations[0]}]"])
-    if results["inference_extra_memory_mib"]:
-        for stage in spec.stages:
+    if results.get("inference_extra_memory_mib"):
+        for stage in stages:
             if results[f"train_step_extra_memory_mib[{stage}]"] is not None:
                 results[f"ratio train_step_memory[{stage}]/inference_memory"] = (
                     results[f"train_step_extra_memory_mib[{stage}]"] / results["inference_extra_memory_mib"])
-    for stage in rest:
+    for stage in rest if stages == list(spec.stages) else []:
         results[f"ratio train_step[{stage}]/train_step[{first}]"] = (
             results[f"train_step_s[{stage}]"] / results[f"train_step_s[{first}]"])
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -80,6 +80,9 @@ def test_benchmark_reports_the_backbone_and_expression_ratios(tiny_backbones, pr
     # reported, not judged (no timing assertions): RISAM's ratio sits near 1, within the noise of one step
     assert result["ratio forward/backbones_forward"] > 0 and result["ratio 8_expressions/1_expression"] > 0
     assert ("share 8_expressions[clip towers alone]" in result) == ("clip" in spec.backbones)
+    shares = {key: value for key, value in result.items() if key.startswith("share forward[")}
+    assert len(shares) == len(benchmark.MODULE_SHARES[spec.name].split(","))
+    assert all(0 < share < 1 for share in shares.values()), shares  # each module runs, inside the forward
     assert all(result[f"train_step_s[{stage}]"] > 0 for stage in spec.stages)
     if result["inference_extra_memory_mib"] is not None:  # Linux
         assert all(result[f"train_step_extra_memory_mib[{stage}]"] > 0 for stage in spec.stages)
@@ -116,3 +119,32 @@ def test_frozen_sam_keeps_no_activations_for_backward(tiny_backbones):
         assert not sys.platform.startswith("linux"), "the peak-memory reading must work on Linux"
         pytest.skip("peak-memory reading needs Linux's /proc/self/clear_refs")
     assert trainable > 1.5 * frozen, (frozen, trainable)
+
+
+def test_benchmark_inference_only_in_two_dtypes_with_chosen_module_shares(tiny_backbones):
+    result = benchmark.main(["--clip", str(tiny_backbones["clip"]), "--image_size", "64", "--batch_size", "2",
+                             "--steps", "1", "--warmup", "0", "--skip_training", "--dtypes", "float32,bfloat16",
+                             "--module_shares", "refiner,post_fusion"])
+    assert not any(key.startswith(("train_step", "trainable_params", "ratio train_step")) for key in result)
+    assert result["inference_forward_s"] > 0 and result["inference_forward_s[bfloat16]"] > 0
+    assert result["ratio forward[bfloat16]/forward[float32]"] == pytest.approx(
+        result["inference_forward_s[bfloat16]"] / result["inference_forward_s"])
+    assert 0 < result["max_abs_logit_difference[bfloat16]"] < 1  # bf16 rounding, not another model
+    assert sorted(k for k in result if k.startswith("share forward[")) == [
+        "share forward[post_fusion]", "share forward[refiner]"]
+    with pytest.raises(ValueError, match="dtypes"):
+        benchmark.main(["--dtypes", "float32,half-ish"])
+    with pytest.raises(ValueError, match="module_shares"):
+        benchmark.main(["--clip", str(tiny_backbones["clip"]), "--image_size", "64", "--batch_size", "1",
+                        "--steps", "1", "--warmup", "0", "--skip_training", "--module_shares", "no_such_module"])
+
+
+def test_benchmark_times_one_chosen_stage_without_inference(tiny_backbones):
+    result = benchmark.main(["--clip", str(tiny_backbones["clip"]), "--image_size", "64", "--batch_size", "2",
+                             "--steps", "1", "--warmup", "0", "--stages", "refiner", "--skip_inference",
+                             "--optimizer_implementations", "auto"])
+    assert result["train_step_s[refiner]"] > 0 and result["trainable_params[refiner]"] > 0
+    assert not any("locator" in key for key in result)
+    assert not any(key.startswith(("inference", "share", "ratio 8")) for key in result)
+    with pytest.raises(ValueError, match="stages"):
+        benchmark.main(["--clip", str(tiny_backbones["clip"]), "--stages", "decoder"])

@@ -392,7 +392,7 @@ def test_gradient_checkpointing_still_trains_the_adapters():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("refiner_projection_dim", [None, 64], ids=["paper-refiner", "projected-refiner"])
+@pytest.mark.parametrize("refiner_projection_dim", [None, 16], ids=["paper-refiner", "projected-refiner"])
 def test_tiny_risclip_overfits_a_handful_of_refshapes_samples(tiny_backbones, refshapes_root, refiner_projection_dim):
     from refseg.data import load_refer
 
@@ -404,8 +404,8 @@ def test_tiny_risclip_overfits_a_handful_of_refshapes_samples(tiny_backbones, re
     texts = [s["sentences"][0] for s in samples]
 
     torch.manual_seed(0)
-    model = RisclipModel.from_backbones(clip=tiny_backbones["clip"], refiner_projection_dim=refiner_projection_dim,
-                                        **TINY)
+    model = RisclipModel.from_backbones(clip=tiny_backbones["clip"],
+                                        **{**TINY, "refiner_projection_dim": refiner_projection_dim})
     processor = RisclipProcessor.from_backbones(clip=tiny_backbones["clip"], image_size=model.config.image_size)
     inputs = processor(images=images, text=texts, masks=masks)
     original_sizes = inputs.pop("original_sizes")

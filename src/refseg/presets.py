@@ -136,6 +136,7 @@ PRESETS: dict = {
             "fusion_num_heads": 4,
             "num_post_fusion_layers": 2,
             "refiner_hidden_sizes": [16, 16, 8, 8],
+            "refiner_projection_dim": 16,  # a quarter of the tiny CLIP's width, as 64 is a twelfth of ViT-B's
         },
         description="RISCLIP on the tiny CLIP of refseg.backbones (64 wide, 4 layers, patch 8) at 64 px: "
         "tests and the quickstart",
