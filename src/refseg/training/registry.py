@@ -132,6 +132,14 @@ METHODS = {
         # the coarse stage does not run SAM: judge it by the coarse map S'_C
         stage_outputs={"coarse": "coarse_logits"},
     ),
+    # a baseline, not a method: the stock CLIPSeg decoder fine-tuned on a frozen CLIP (refseg.baselines)
+    "clipseg": MethodSpec(
+        name="clipseg",
+        model_class="refseg.baselines.ClipsegReferringModel",
+        processor_class="refseg.baselines.ClipsegReferringProcessor",
+        backbones=("clip",),
+        stages=("default",),  # one stage: the decoder; CLIP frozen
+    ),
 }
 
 
