@@ -14,6 +14,7 @@ from refseg.training.evaluation import (
 )
 
 from test_baselines_clipseg import save_stock_clipseg
+from test_baselines_sam3 import save_stock_sam3
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -27,23 +28,24 @@ def _script():
 
 
 def test_two_models_side_by_side_with_examples(tiny_backbones, refshapes_root, tmp_path, capsys):
-    models = [save_stock_clipseg(tmp_path / name, tiny_backbones["clip"], seed=seed)
-              for name, seed in (("clipseg-a", 0), ("clipseg-b", 1))]
+    # the two baselines, side by side on the same sentences
+    models = [save_stock_clipseg(tmp_path / "clipseg", tiny_backbones["clip"]),
+              save_stock_sam3(tmp_path / "sam3", tiny_backbones["clip"])]
     pictures = tmp_path / "pictures"
     results = _script().main(["--model", str(models[0]), "--model", str(models[1]), "--data_root",
                               str(refshapes_root), "--split", "val,testA", "--max_samples", "4", "--batch_size", "3",
                               "--save_examples", "3", str(pictures)])
     captured = capsys.readouterr()
-    assert set(results) == {"clipseg-a", "clipseg-b"}
+    assert set(results) == {"clipseg", "sam3"}
     for folder in models:  # each model's record, in the one format train.py writes too
         record = json.loads((folder / "eval_refshapes.json").read_text())
         assert set(record) == set(EVAL_RECORD_KEYS) and record["results"] == results[folder.name]
         assert {split: m["num_samples"] for split, m in record["results"].items()} == {"val": 4, "testA": 4}
-    assert results["clipseg-a"]["val"] != results["clipseg-b"]["val"]  # two different random decoders
+    assert results["clipseg"]["val"] != results["sam3"]["val"]  # two different models
     table = captured.out.split("side by side:")[1].strip().splitlines()
     assert table[0].split()[:3] == ["model", "split", "oIoU"] and len(table) == 2 + 4
-    assert [line.split()[:2] for line in table[2:]] == [["clipseg-a", "val"], ["clipseg-a", "testA"],
-                                                        ["clipseg-b", "val"], ["clipseg-b", "testA"]]
+    assert [line.split()[:2] for line in table[2:]] == [["clipseg", "val"], ["clipseg", "testA"],
+                                                        ["sam3", "val"], ["sam3", "testA"]]
     assert "sentences/s" in captured.err  # the progress bar counts sentences
 
     with Image.open(pictures / "examples.png") as grid:

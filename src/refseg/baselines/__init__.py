@@ -8,21 +8,24 @@ wrapper of the stock processor, chosen by the config's `model_type`:
 | `model_type` | model class (stock parent) | processor wrapper (stock processor) |
 | --- | --- | --- |
 | `clipseg` | `ClipsegReferringModel` (`CLIPSegForImageSegmentation`) | `ClipsegReferringProcessor` (`CLIPSegProcessor`) |
+| `sam3` | `Sam3ReferringModel` (`Sam3Model`) | `Sam3ReferringProcessor` (`Sam3Processor`) |
 
 Importing `refseg` registers each model class with
 `refseg.pipelines.AutoModelForReferringImageSegmentation`, so
-`pipeline("referring-image-segmentation", model="CIDAS/clipseg-rd64-refined")` loads the baseline
-class (not `CLIPSegModel`, which `AutoModel` picks for `clipseg`), and the pipeline wraps the stock
+`pipeline("referring-image-segmentation", model="CIDAS/clipseg-rd64-refined")` (or `"facebook/sam3"`)
+loads the baseline class (not `CLIPSegModel`, which `AutoModel` picks for `clipseg`, nor the bare
+`Sam3Model`), and the pipeline wraps the stock
 processor through the model's `adapt_processor`. `load_referring_model_and_processor(name)` does the
 same for scripts (`scripts/evaluate.py`), for baselines and refseg models alike.
 """
 
-from transformers import AutoModel, AutoProcessor, CLIPSegConfig
+from transformers import AutoModel, AutoProcessor, CLIPSegConfig, Sam3Config
 
 from ..pipelines import AutoModelForReferringImageSegmentation
 from .clipseg import DEFAULT_THRESHOLD, ClipsegReferringModel, ClipsegReferringProcessor
+from .sam3 import Sam3ReferringModel, Sam3ReferringProcessor, select_referring_mask
 
-BASELINE_MODELS = {"clipseg": (CLIPSegConfig, ClipsegReferringModel)}
+BASELINE_MODELS = {"clipseg": (CLIPSegConfig, ClipsegReferringModel), "sam3": (Sam3Config, Sam3ReferringModel)}
 
 for _config_class, _model_class in BASELINE_MODELS.values():
     AutoModelForReferringImageSegmentation.register(_config_class, _model_class, exist_ok=True)
@@ -51,5 +54,5 @@ def load_referring_model_and_processor(name_or_path, **kwargs):
 
 __all__ = [
     "BASELINE_MODELS", "DEFAULT_THRESHOLD", "ClipsegReferringModel", "ClipsegReferringProcessor",
-    "load_referring_model_and_processor",
+    "Sam3ReferringModel", "Sam3ReferringProcessor", "load_referring_model_and_processor", "select_referring_mask",
 ]
