@@ -55,7 +55,6 @@ def predict_counts(model, processor, samples, *, accelerator, batch_size=8, num_
     progress = tqdm(total=len(subset), desc=desc, unit=" sentences", disable=not accelerator.is_local_main_process,
                     leave=False)
     for batch in loader:
-        progress.update(len(batch["indices"]))
         targets = batch.pop("target_masks")
         indices = batch.pop("indices")
         sizes = batch.pop("original_sizes")
@@ -68,6 +67,7 @@ def predict_counts(model, processor, samples, *, accelerator, batch_size=8, num_
                                                               threshold=threshold)
         counts = intersection_union([m.cpu().numpy() for m in masks], targets)
         rows.append(np.concatenate([indices.numpy()[:, None], counts], axis=1))
+        progress.update(len(indices))
     progress.close()
     model.train(was_training)
     return np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
