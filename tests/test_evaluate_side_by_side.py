@@ -42,8 +42,10 @@ def test_two_models_side_by_side_with_examples(tiny_backbones, refshapes_root, t
         assert set(record) == set(EVAL_RECORD_KEYS) and record["results"] == results[folder.name]
         assert {split: m["num_samples"] for split, m in record["results"].items()} == {"val": 4, "testA": 4}
     assert results["clipseg"]["val"] != results["sam3"]["val"]  # two different models
-    table = captured.out.split("side by side:")[1].strip().splitlines()
+    table, after = captured.out.split("side by side:")[1].strip().split("\n3 examples drawn in ")
+    table = table.splitlines()
     assert table[0].split()[:3] == ["model", "split", "oIoU"] and len(table) == 2 + 4
+    assert after.strip() == str(pictures / "examples.png")
     assert [line.split()[:2] for line in table[2:]] == [["clipseg", "val"], ["clipseg", "testA"],
                                                         ["sam3", "val"], ["sam3", "testA"]]
     assert "sentences/s" in captured.err  # the progress bar counts sentences
