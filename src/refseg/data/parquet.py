@@ -1,6 +1,7 @@
 """Reader for the Hub parquet copies of RefCOCO-family refs, in two layouts detected from the columns.
 
-- **`jxu124/refcoco` layout** (a `raw_anns` column; images kept apart, in COCO train2014): below.
+- **`jxu124/refcoco` layout** (refer columns: `raw_anns`, `ref_id`, `sentences`; images kept apart, in COCO
+  train2014): below.
 - **`lmms-lab/RefCOCO` layout** (`lmms-lab/RefCOCO`, `RefCOCOplus`, `RefCOCOg`; an embedded `image`
   column and a `segmentation` column, no `raw_anns`): see "Self-contained layout" below.
 
@@ -312,14 +313,15 @@ def _embedded_dataset(refs: list[dict], *, fingerprint: str, split: str | None, 
 
 
 def parquet_layout(path: str) -> str:
-    """`"jxu124"` (a `raw_anns` column) or `"embedded"` (`image` and `segmentation`, the lmms-lab copies)."""
+    """`"embedded"` (`image` and `segmentation` columns, no `raw_anns`: the lmms-lab copies) or `"jxu124"` (refer
+    columns: `raw_anns`, `ref_id`, `sentences`); `ValueError` for any other file."""
     import pyarrow.parquet as pq
 
     names = set(pq.read_schema(path).names)
-    if "raw_anns" in names:
-        return "jxu124"
-    if {"image", "segmentation"} <= names and names & {"answer", "question"}:
+    if {"image", "segmentation"} <= names and "raw_anns" not in names:
         return "embedded"
+    if names & {"raw_anns", "ref_id", "sentences", "raw_sentences"}:
+        return "jxu124"  # the per-row checks name any column it lacks
     raise ValueError(f"path_or_files: {path} is in no known layout (columns {sorted(names)}); expected "
                      "jxu124/refcoco's (`raw_anns`, `sentences`, ...) or lmms-lab/RefCOCO's (`image`, "
                      "`segmentation`, `answer`, ...)")
