@@ -159,6 +159,8 @@ def test_train_py_fine_tunes_only_the_decoder_and_resumes_exactly(tiny_backbones
     kept = load_file(str(out / "checkpoint-2" / "method_weights.safetensors"))
     assert kept and all(k.startswith("decoder.") for k in kept)  # checkpoints keep only the decoder
 
+    trained.set_training_stage("default")  # what the optimizer holds: the decoder alone
+    assert {n.split(".")[0] for n, p in trained.named_parameters() if p.requires_grad} == {"decoder"}
     stock_clip = CLIPModel.from_pretrained(tiny_backbones["clip"]).state_dict()
     for name, value in trained.clip.state_dict().items():
         assert torch.equal(value, stock_clip[name]), name  # CLIP frozen: still the tiny CLIP
