@@ -15,6 +15,7 @@ import argparse
 import torch
 from transformers import AutoModel
 
+from refseg.pipelines import AutoModelForReferringImageSegmentation
 from refseg.presets import PRESETS, get_config
 
 
@@ -25,8 +26,12 @@ def _millions(n: int) -> str:
 def count(name: str) -> dict:
     """`{"total", "frozen_backbone", "stages": {stage: trainable}}` for preset `name` (the frozen
     count is what no stage trains)."""
+    config = get_config(name)
     with torch.device("meta"):
-        model = AutoModel.from_config(get_config(name))
+        try:  # a baseline (`clipseg-tiny`): the class the task loads, not `AutoModel`'s
+            model = AutoModelForReferringImageSegmentation.from_config(config)
+        except ValueError:
+            model = AutoModel.from_config(config)
     total = sum(p.numel() for p in model.parameters())
     stages, ever_trained = {}, set()
     for stage in getattr(model, "training_stages", (model.config.training_stage,)):

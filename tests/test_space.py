@@ -175,7 +175,8 @@ def test_app_imports_only_refseg_gradio_pil_numpy():
     assert modules - set(sys.stdlib_module_names) == {"refseg", "gradio", "PIL", "numpy"}
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# baselines (`MethodSpec.baseline`: stock CLIPSeg) are not held to the trained bounds; see the registry
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if not METHODS[m].baseline))
 def test_space_serves_every_method_unchanged(app, method, trained_on_two_referents, two_referent_scenes):
     """The Space's own loading and segmenting code on each method's trained tiny model folder."""
     folder = trained_on_two_referents(method)[2]

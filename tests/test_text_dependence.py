@@ -33,7 +33,8 @@ def referent_ious(model, processor, scenes, output):
     return own[:, 0] / np.maximum(own[:, 1], 1), other[:, 0] / np.maximum(other[:, 1], 1)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# baselines (`MethodSpec.baseline`: stock CLIPSeg) are not held to the trained bounds; see the registry
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if not METHODS[m].baseline))
 def test_each_expression_segments_its_own_referent(method, trained_on_two_referents, two_referent_scenes):
     model, processor, _ = trained_on_two_referents(method)
     spec = METHODS[method]

@@ -12,6 +12,7 @@ from .modeling_outputs import ReferringSegmentationOutput
 from .models import *  # noqa: F401,F403  (configs, models, processors; registers Auto classes)
 from .models import __all__ as _models_all
 from . import pipelines as _pipelines  # noqa: E402,F401  (registers "referring-image-segmentation")
+from . import baselines as _baselines  # noqa: E402,F401  (registers CLIPSeg with the task's Auto class)
 
 __version__ = "0.1.0"
 

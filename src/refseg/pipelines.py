@@ -29,6 +29,16 @@ either (one result list per image). Output per image: a list with one dict per e
 The threshold is the `threshold` call/constructor argument, else the model config's `threshold`,
 else the processor's default.
 
+Models from outside refseg (the baselines of `refseg.baselines`: stock CLIPSeg, SAM3) join in two
+steps, without a per-model branch here. (1) The task loads its model with
+`AutoModelForReferringImageSegmentation` first, an Auto class whose mapping holds only the config
+types registered with it (`refseg.baselines` registers `CLIPSegConfig` and `Sam3Config`); any other
+config (our four methods) falls through to `AutoModel`. This matters because `AutoModel` maps
+`clipseg` to `CLIPSegModel`, which has no segmentation head. (2) A model class that defines
+`adapt_processor(processor)` gets the stock processor the pipeline loaded (`CLIPSegProcessor`, ...)
+and returns one with refseg's processor contract (`processor(images=, text=)`,
+`post_process_referring_segmentation`).
+
 `pipeline(TASK, model=..., dtype=torch.bfloat16)` (or `load_pipeline(..., dtype=...)`) loads the model
 in that dtype: the processor's floating inputs are cast to the model's dtype, and the logits are
 upcast to float32 before the masks and scores are made.
@@ -38,11 +48,14 @@ with exported model code.
 """
 
 import logging
+from collections import OrderedDict
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoModel, Pipeline
+from transformers.models.auto.auto_factory import _BaseAutoModelClass, _LazyAutoMapping
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .processing_utils import load_image
@@ -59,6 +72,17 @@ def _load_pipeline_image(image, timeout=None) -> Image.Image:
 
         image = load_remote_image(image, timeout=timeout)
     return load_image(image)
+
+
+class AutoModelForReferringImageSegmentation(_BaseAutoModelClass):
+    """Auto class of the models that serve the task where `AutoModel` would pick another class.
+
+    Empty until classes are registered (`AutoModelForReferringImageSegmentation.register(CLIPSegConfig,
+    ClipsegReferringModel)`, done by `refseg.baselines`); `from_pretrained` of any other config type
+    raises `ValueError`, and the pipeline then loads the model with `AutoModel`.
+    """
+
+    _model_mapping = _LazyAutoMapping(CONFIG_MAPPING_NAMES, OrderedDict())
 
 
 class ReferringImageSegmentationPipeline(Pipeline):
@@ -84,6 +108,14 @@ class ReferringImageSegmentationPipeline(Pipeline):
             raise ValueError(
                 "`processor` is required: pass the model's processor, or a model folder/Hub id that holds one"
             )
+        if not hasattr(self.processor, "post_process_referring_segmentation"):
+            adapt = getattr(self.model, "adapt_processor", None)
+            if adapt is None:
+                raise ValueError(
+                    f"`processor` ({type(self.processor).__name__}) has no `post_process_referring_segmentation` "
+                    f"and the model ({type(self.model).__name__}) no `adapt_processor` to give it one"
+                )
+            self.processor = adapt(self.processor)
 
     def __call__(self, image, text=None, **kwargs):
         """Segment `text` (a string or a list of strings) in `image`; see the module docstring."""
@@ -164,7 +196,8 @@ def load_pipeline(model, **kwargs) -> ReferringImageSegmentationPipeline:
 
 if TASK not in PIPELINE_REGISTRY.supported_tasks:
     PIPELINE_REGISTRY.register_pipeline(
-        TASK, pipeline_class=ReferringImageSegmentationPipeline, pt_model=AutoModel, type="multimodal"
+        TASK, pipeline_class=ReferringImageSegmentationPipeline,
+        pt_model=(AutoModelForReferringImageSegmentation, AutoModel), type="multimodal",
     )
 
-__all__ = ["TASK", "ReferringImageSegmentationPipeline", "load_pipeline"]
+__all__ = ["TASK", "AutoModelForReferringImageSegmentation", "ReferringImageSegmentationPipeline", "load_pipeline"]

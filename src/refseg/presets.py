@@ -23,6 +23,7 @@ Adding a method's presets: write its backbone-config builders (or reuse the CLIP
 | `risam-tiny` | `refseg.backbones.tiny_sam_config()` + `tiny_clip_config()` | 256 | 16x16 |
 | `prompt-ris-b` | CLIP ViT-B/16 (`openai/clip-vit-base-patch16`) + SAM ViT-B (`facebook/sam-vit-base`), both frozen | 480 + 1024 | 30x30 + 64x64 |
 | `prompt-ris-tiny` | `refseg.backbones.tiny_clip_config()` + `tiny_sam_config()` | 64 + 256 | 8x8 + 16x16 |
+| `clipseg-tiny` | the stock CLIPSeg decoder (baseline, `refseg.baselines`) on `tiny_clip_config()`, CLIP frozen | 64 | 8x8 |
 """
 
 from dataclasses import dataclass, field
@@ -234,6 +235,25 @@ PRESETS: dict = {
         backbone_configs=lambda: {"clip_config": _tiny_clip_config(), "sam_config": _tiny_sam_config()},
     ),
 }
+
+
+def _tiny_clipseg_towers() -> dict:
+    clip = _tiny_clip_config()
+    return {"text_config": clip.text_config.to_dict(), "vision_config": clip.vision_config.to_dict(),
+            "projection_dim": clip.projection_dim}
+
+
+# The CLIPSeg baseline (`METHODS["clipseg"]`): the stock decoder, FiLM-conditioned on CLIP's sentence
+# embedding, on the tiny CLIP's layers 2-4 of 4 (CLIPSeg-rd64 reads layers 4, 7, 10 of 12).
+PRESETS["clipseg-tiny"] = Preset(
+    method="clipseg",
+    backbones={},
+    config_overrides={"image_size": 64, "extract_layers": [1, 2, 3], "reduce_dim": 32,
+                      "decoder_num_attention_heads": 4, "decoder_intermediate_size": 64},
+    description="CLIPSeg baseline: the stock CLIPSeg decoder (reduce_dim 32, 3 layers) on the tiny CLIP of "
+    "refseg.backbones at 64 px, CLIP frozen",
+    backbone_configs=_tiny_clipseg_towers,
+)
 
 
 def get_config(name: str, **overrides) -> PreTrainedConfig:

@@ -1,4 +1,9 @@
-"""Reader for the Hub parquet copies of RefCOCO-family refs (schema of `jxu124/refcoco`).
+"""Reader for the Hub parquet copies of RefCOCO-family refs, in two layouts detected from the columns.
+
+- **`jxu124/refcoco` layout** (refer columns: `raw_anns`, `ref_id`, `sentences`; images kept apart, in COCO
+  train2014): below.
+- **`lmms-lab/RefCOCO` layout** (`lmms-lab/RefCOCO`, `RefCOCOplus`, `RefCOCOg`; an embedded `image`
+  column and a `segmentation` column, no `raw_anns`): see "Self-contained layout" below.
 
 The `jxu124/refcoco` (and `refcocoplus`, `refcocog`) parquet files hold one row per ref with
 the columns (from the dataset card): `sent_ids` (list of int), `file_name`, `ann_id`, `ref_id`,
@@ -21,8 +26,36 @@ What `load_refer_parquet` reads, and the assumptions it makes:
   the refer pickles' naming); `file_name` as is; `image_path` and its base name — each taken
   relative to `image_root`.
 - `split` filters on the `split` column; "validation" (the Hub split name) means "val".
+- The `jxu124/refcoco` and `jxu124/refcocoplus` copies publish RefCOCO's testA split under the Hub
+  split name `test` (there is no other test split in RefCOCO/RefCOCO+ unc). With
+  `dataset="refcoco"` or `"refcoco+"`, a row whose `split` reads `test` is read as `testA`, and
+  `split="test"` asks for testA. RefCOCOg (umd) has a real `test` split, so without `dataset` (or
+  with `"refcocog"`) `test` stays `test`.
 `captions`, `global_image_id` and `anns_id` are not needed and are ignored. The output rows
 have exactly the features of `load_refer` (`refseg.data.refer.REFER_FEATURES`).
+
+Self-contained layout (`lmms-lab/RefCOCO`): columns `question_id` (str), `image` (the embedded
+image: `{bytes, path}`), `question` (the evaluation prompt of lmms-eval, not an expression),
+`answer` (list of the ref's expressions), `segmentation` (one flattened polygon `[x1, y1, x2, y2,
+...]`), `bbox` (COCO xywh), `iscrowd`, `file_name`. What is read, and how:
+- The image comes from the row's own bytes; `image_root` is not used. Height and width are the
+  image's. The mask is the polygon decoded with pycocotools. An object drawn by several polygons
+  in COCO arrives as their coordinates joined into one list: it is decoded as one polygon, which
+  adds thin seams between the parts; the layout keeps nothing that would separate them.
+- Expressions: `answer` when it is a list of strings (one row per ref, as the lmms-lab copies are
+  published); an `answer` string is one expression (a copy with one row per expression); without
+  `answer`, `question` is the expression.
+- Refs are grouped back from rows: rows with the same `file_name`, `bbox` and `segmentation` are one
+  ref, their expressions concatenated in row order; a row whose expression list repeats one already
+  taken for that ref is a duplicate and adds nothing. Where those three columns cannot tell refs
+  apart (two refs of one object), their sentences end up in one ref; evaluation scores every
+  sentence either way.
+- IDs the layout does not have: `ref_id` is the first row's `question_id` when it is an integer,
+  else the ref's position in the load; `sent_ids` count the load's sentences from 0; `image_id` is
+  the 12-digit COCO id in `file_name` (else -1); `ann_id` and `category_id` are -1.
+- `split`: a `split` column if there is one, else the file's name (`testA-00000-of-00001.parquet`
+  -> `testA`) or its folder (`.../testA/0000.parquet`, the Hub's converted copies), else the `split`
+  argument; `ValueError` when none tells.
 """
 
 from __future__ import annotations
@@ -37,11 +70,17 @@ from typing import Any, Sequence
 
 import datasets
 
-from .refer import RowSpec, build_dataset, check_image, files_fingerprint, parse_sentences
+from .masks import decode_segmentation, mask_to_png
+from .refer import REFER_FEATURES, RowSpec, build_dataset, check_image, files_fingerprint, parse_sentences
 
 logger = logging.getLogger(__name__)
 
 _SPLIT_ALIASES = {"validation": "val"}
+# jxu124's RefCOCO / RefCOCO+ copies name their testA split "test" (see the module docstring).
+_TEST_IS_TESTA = ("refcoco", "refcoco+")
+_KNOWN_SPLITS = ("train", "val", "validation", "test", "testA", "testB", "unseen")
+_COCO_ID = re.compile(r"_(\d{12})(?:_\d+)?\.\w+$")
+_EMBEDDED_COLUMNS = ("question_id", "question", "answer", "segmentation", "bbox", "file_name", "split")
 _REF_SUFFIX = re.compile(r"^(?P<stem>.+_\d{12})_\d+(?P<ext>\.\w+)$")
 _COLUMNS = (
     "sent_ids", "file_name", "ann_id", "ref_id", "image_id", "split", "sentences", "raw_sentences",
@@ -162,21 +201,151 @@ def _row_spec(row: dict, image_root: str, where: str, verify_images: bool, size_
     )
 
 
+def _canonical_split(value, dataset: str | None) -> str:
+    value = _SPLIT_ALIASES.get(value, value)
+    if value == "test" and dataset in _TEST_IS_TESTA:
+        return "testA"
+    return value
+
+
+def _file_split(path: str) -> str | None:
+    """The split a Hub parquet file belongs to, from its name (`testA-00000-of-00001.parquet`) or folder."""
+    name = os.path.basename(path).split("-")[0].split(".")[0]
+    for candidate in (name, os.path.basename(os.path.dirname(path))):
+        if candidate in _KNOWN_SPLITS:
+            return candidate
+    return None
+
+
+def _embedded_expressions(row: dict, where: str) -> list[str]:
+    answer = row.get("answer")
+    if answer is None:
+        answer = row.get("question")
+    texts = [answer] if isinstance(answer, str) else list(answer or [])
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError(f"{where}: 'answer' (or 'question') must hold non-empty expressions, got {answer!r:.80}")
+    return texts
+
+
+def _embedded_refs(files: list[str], split: str | None, dataset: str | None) -> tuple[list[dict], set[str]]:
+    """Pass 1 over the self-contained layout, images left unread: one dict per ref (module docstring)."""
+    import pyarrow.parquet as pq
+
+    refs: dict[tuple, dict] = {}
+    seen_splits: set[str] = set()
+    for path in files:
+        schema_names = set(pq.read_schema(path).names)
+        table = pq.read_table(path, columns=[c for c in _EMBEDDED_COLUMNS if c in schema_names])
+        file_split = _file_split(path)
+        for k, row in enumerate(table.to_pylist()):
+            where = f"{path}: row {k}"
+            row_split = row.get("split") or file_split or split
+            if row_split is None:
+                raise ValueError(f"{where}: no 'split' column and the file name names no split; pass `split`")
+            row_split = _canonical_split(str(row_split), dataset)
+            seen_splits.add(row_split)
+            if split is not None and row_split != split:
+                continue
+            if not row.get("segmentation") or row.get("bbox") is None:
+                raise ValueError(f"{where}: 'segmentation' and 'bbox' are required")
+            texts = _embedded_expressions(row, where)
+            key = (row.get("file_name"), tuple(row["bbox"]), tuple(row["segmentation"]))
+            ref = refs.get(key)
+            if ref is None:
+                question_id = str(row.get("question_id", ""))
+                match = _COCO_ID.search(row.get("file_name") or "")
+                ref = refs[key] = {
+                    "ref_id": int(question_id) if question_id.isdigit() else len(refs),
+                    "image_id": int(match[1]) if match else -1, "file": path, "row": k, "split": row_split,
+                    "segmentation": [list(row["segmentation"])], "bbox": [float(v) for v in row["bbox"]],
+                    "groups": [], "sentences": [], "where": where,
+                }
+            if texts in ref["groups"]:  # the same ref published twice
+                continue
+            ref["groups"].append(texts)
+            ref["sentences"].extend(texts)
+    return list(refs.values()), seen_splits
+
+
+def _embedded_dataset(refs: list[dict], *, fingerprint: str, split: str | None, cache_dir: str | None):
+    """Pass 2: read each ref's image bytes from its first row, decode its mask; `REFER_FEATURES` rows."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    by_file: dict[str, dict[int, dict]] = {}
+    for ref in refs:
+        by_file.setdefault(ref["file"], {})[ref["row"]] = ref
+
+    def generate():
+        sent_id = 0
+        for path, wanted in by_file.items():
+            images = pq.read_table(path, columns=["image"]).column("image")
+            for row in sorted(wanted):
+                ref = wanted[row]
+                image = images[row].as_py()
+                data = image.get("bytes") if isinstance(image, dict) else None
+                if not data:
+                    raise ValueError(f"{ref['where']}: the 'image' column holds no image bytes")
+                with Image.open(io.BytesIO(data)) as opened:
+                    width, height = opened.size
+                mask = decode_segmentation(ref["segmentation"], height, width, where=ref["where"])
+                if not mask.any():
+                    raise ValueError(f"{ref['where']}: the mask is empty")
+                ids = list(range(sent_id, sent_id + len(ref["sentences"])))
+                sent_id += len(ids)
+                yield {
+                    "image": {"path": None, "bytes": data}, "mask": {"path": None, "bytes": mask_to_png(mask)},
+                    "sentences": ref["sentences"], "sent_ids": ids, "ref_id": ref["ref_id"], "ann_id": -1,
+                    "image_id": ref["image_id"], "category_id": -1, "bbox": ref["bbox"], "split": ref["split"],
+                }
+
+    split_name = datasets.NamedSplit(split) if split and split.isidentifier() else datasets.Split.TRAIN
+    try:
+        return datasets.Dataset.from_generator(generate, features=REFER_FEATURES, fingerprint=fingerprint,
+                                               cache_dir=cache_dir, split=split_name)
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise cause from None
+        raise
+
+
+def parquet_layout(path: str) -> str:
+    """`"embedded"` (`image` and `segmentation` columns, no `raw_anns`: the lmms-lab copies) or `"jxu124"` (refer
+    columns: `raw_anns`, `ref_id`, `sentences`); `ValueError` for any other file."""
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(path).names)
+    if {"image", "segmentation"} <= names and "raw_anns" not in names:
+        return "embedded"
+    if names & {"raw_anns", "ref_id", "sentences", "raw_sentences"}:
+        return "jxu124"  # the per-row checks name any column it lacks
+    raise ValueError(f"path_or_files: {path} is in no known layout (columns {sorted(names)}); expected "
+                     "jxu124/refcoco's (`raw_anns`, `sentences`, ...) or lmms-lab/RefCOCO's (`image`, "
+                     "`segmentation`, `answer`, ...)")
+
+
 def load_refer_parquet(
     path_or_files: str | os.PathLike | Sequence[str | os.PathLike],
-    image_root: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
     split: str | None = None,
     *,
+    dataset: str | None = None,
     verify_images: bool = True,
     cache_dir: str | None = None,
 ) -> datasets.Dataset:
-    """Load refs from `jxu124/refcoco`-style parquet files (see the module docstring).
+    """Load refs from Hub parquet copies, `jxu124/refcoco` or `lmms-lab/RefCOCO` layout (module docstring).
 
     Args:
-        path_or_files: a parquet file, a folder (all `*.parquet` below it), a glob, or a list.
-        image_root: folder holding the COCO images (e.g. `.../train2014`).
-        split: keep rows whose `split` column equals this ("validation" means "val"); None keeps all.
-        verify_images: open every image header once and check its size.
+        path_or_files: a parquet file, a folder (all `*.parquet` below it), a glob, or a list; all in one layout.
+        image_root: folder holding the COCO images (e.g. `.../train2014`); required by the `jxu124` layout,
+            unused by the self-contained one.
+        split: keep rows of this split ("validation" means "val"; "test" means "testA" for `dataset`
+            refcoco / refcoco+); None keeps all.
+        dataset: `"refcoco"`, `"refcoco+"`, `"refcocog"` or None; only used to read jxu124's `test` as testA.
+        verify_images: `jxu124` layout: open every image header once and check its size.
         cache_dir: `datasets` cache folder (default: the `datasets` cache).
 
     Returns:
@@ -185,10 +354,23 @@ def load_refer_parquet(
     import pyarrow.parquet as pq  # datasets depends on pyarrow
 
     files = _resolve_files(path_or_files)
+    layouts = {path: parquet_layout(path) for path in files}
+    if len(set(layouts.values())) > 1:
+        raise ValueError(f"path_or_files: the files mix layouts: {layouts}")
+    wanted = _canonical_split(split, dataset) if split is not None else None
+    if layouts[files[0]] == "embedded":
+        refs, seen_splits = _embedded_refs(files, wanted, dataset)
+        if not refs:
+            raise ValueError(f"split: no rows with split {split!r} in {files}; splits present: {sorted(seen_splits)}")
+        logger.info("parquet (embedded images) %s: %d refs from %d files", split, len(refs), len(files))
+        fingerprint = files_fingerprint("parquet-embedded", wanted, dataset, files=files)
+        return _embedded_dataset(refs, fingerprint=fingerprint, split=wanted, cache_dir=cache_dir)
+
+    if image_root is None:
+        raise ValueError("image_root: the jxu124/refcoco layout keeps images apart; pass the COCO train2014 folder")
     image_root = os.path.abspath(os.fspath(image_root))
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"image_root: image folder not found: {image_root}")
-    wanted = _SPLIT_ALIASES.get(split, split) if split is not None else None
     specs: list[RowSpec] = []
     seen_splits: set[str] = set()
     size_cache: dict[str, tuple[int, int]] = {}
@@ -196,15 +378,18 @@ def load_refer_parquet(
         schema_names = set(pq.read_schema(path).names)
         table = pq.read_table(path, columns=[c for c in _COLUMNS if c in schema_names])
         for k, row in enumerate(table.to_pylist()):
+            if row.get("split") is not None:
+                row["split"] = _canonical_split(str(row["split"]), dataset)
             seen_splits.add(str(row.get("split")))
-            if wanted is not None and row.get("split") != wanted:
+            if wanted is not None and row["split"] != wanted:
                 continue
             specs.append(_row_spec(row, image_root, f"{path}: row {k}", verify_images, size_cache))
     if not specs:
         raise ValueError(f"split: no rows with split {split!r} in {files}; splits present: {sorted(seen_splits)}")
     logger.info("parquet %s: %d refs from %d files", split, len(specs), len(files))
-    fingerprint = files_fingerprint("parquet", wanted, str(Path(image_root).resolve()), verify_images, files=files)
+    fingerprint = files_fingerprint("parquet", wanted, dataset, str(Path(image_root).resolve()), verify_images,
+                                    files=files)
     return build_dataset(specs, fingerprint=fingerprint, split=wanted, cache_dir=cache_dir)
 
 
-__all__ = ["load_refer_parquet"]
+__all__ = ["load_refer_parquet", "parquet_layout"]

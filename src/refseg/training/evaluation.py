@@ -1,4 +1,5 @@
-"""Evaluation over one split, split across processes, every sentence counted exactly once."""
+"""Evaluation over one split, split across processes, every sentence counted exactly once; the side-by-side
+comparison table of several models and the picture of their masks on a few samples (`scripts/evaluate.py`)."""
 
 import json
 import logging
@@ -50,7 +51,10 @@ def predict_counts(model, processor, samples, *, accelerator, batch_size=8, num_
     was_training = model.training
     model.eval()
     rows = []
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+    # counted in sentences, so the bar shows sentences/s whatever the batch size
+    progress = tqdm(total=len(subset), desc=desc, unit=" sentences", disable=not accelerator.is_local_main_process,
+                    leave=False)
+    for batch in loader:
         targets = batch.pop("target_masks")
         indices = batch.pop("indices")
         sizes = batch.pop("original_sizes")
@@ -63,6 +67,8 @@ def predict_counts(model, processor, samples, *, accelerator, batch_size=8, num_
                                                               threshold=threshold)
         counts = intersection_union([m.cpu().numpy() for m in masks], targets)
         rows.append(np.concatenate([indices.numpy()[:, None], counts], axis=1))
+        progress.update(len(indices))
+    progress.close()
     model.train(was_training)
     return np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
 
@@ -127,9 +133,105 @@ def format_results_table(results: dict) -> str:
     header = ["split", *METRIC_COLUMNS, "samples"]
     rows = [[split, *(f"{100 * m[c]:.2f}" for c in METRIC_COLUMNS), str(m.get("num_samples", ""))]
             for split, m in results.items()]
+    return _format_table(header, rows)
+
+
+def _format_table(header: list, rows: list) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def format_comparison_table(results_by_model: dict) -> str:
+    """`{model: {split: metrics}}` as one table like `format_results_table`'s, a row per model and split."""
+    header = ["model", "split", *METRIC_COLUMNS, "samples"]
+    rows = [[model, split, *(f"{100 * m[c]:.2f}" for c in METRIC_COLUMNS), str(m.get("num_samples", ""))]
+            for model, splits in results_by_model.items() for split, m in splits.items()]
+    return _format_table(header, rows)
+
+
+@torch.no_grad()
+def predict_masks(model, processor, samples, indices, *, device="cpu", batch_size=8, threshold=None) -> list:
+    """Boolean masks (h, w) at the original sizes, as numpy arrays, for `samples[i]` for each `i` in `indices`."""
+    collate = ProcessorCollator(processor, keep_targets=True)
+    was_training = model.training
+    model.eval()
+    masks = []
+    for start in range(0, len(indices), batch_size):
+        batch = collate([samples[i] for i in indices[start:start + batch_size]])
+        sizes = batch.pop("original_sizes")
+        for name in ("target_masks", "indices"):
+            batch.pop(name)
+        outputs = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        outputs.logits = outputs.logits.float()
+        found = processor.post_process_referring_segmentation(outputs, target_sizes=sizes.tolist(),
+                                                              threshold=threshold)
+        masks.extend(m.cpu().numpy() for m in found)
+    model.train(was_training)
+    return masks
+
+
+EXAMPLE_CELL = 192  # px: each panel of the example grid is EXAMPLE_CELL x EXAMPLE_CELL
+EXAMPLE_CAPTION = 30  # px of text under each panel (two lines)
+_MASK_COLOURS = {"ground truth": (40, 200, 60), "prediction": (230, 40, 40)}
+
+
+def _panel(image, mask=None, colour=(230, 40, 40)):
+    """`image` (PIL RGB) fitted into a square panel, `mask` (bool (h, w) at the image's size) tinted on top."""
+    from PIL import Image
+
+    shown = image.convert("RGB")
+    if mask is not None:
+        array = np.asarray(shown).astype(np.float32)
+        array[mask] = 0.45 * array[mask] + 0.55 * np.asarray(colour, dtype=np.float32)
+        shown = Image.fromarray(array.astype(np.uint8))
+    scale = EXAMPLE_CELL / max(shown.size)
+    shown = shown.resize((max(1, round(shown.width * scale)), max(1, round(shown.height * scale))))
+    panel = Image.new("RGB", (EXAMPLE_CELL, EXAMPLE_CELL), (255, 255, 255))
+    panel.paste(shown, ((EXAMPLE_CELL - shown.width) // 2, (EXAMPLE_CELL - shown.height) // 2))
+    return panel
+
+
+def render_examples(examples: list, path: Union[str, os.PathLike]) -> Path:
+    """Write the example grid PNG: a row per example, columns image | ground truth | each model's mask.
+
+    Args:
+        examples: dicts `{"image": PIL image, "text": str, "target": bool (h, w), "predictions": [(model
+            label, bool (h, w) mask, IoU), ...]}`, every example with the same models in the same order.
+        path: the PNG to write (its folder is created).
+
+    Returns:
+        `path`. The image is `(2 + models) * EXAMPLE_CELL` wide and `len(examples) * (EXAMPLE_CELL +
+        EXAMPLE_CAPTION)` high; under each panel, its title (the expression, "ground truth", or the model
+        label) and, for models, the sample's IoU.
+    """
+    from PIL import Image, ImageDraw
+
+    if not examples:
+        raise ValueError("`examples` is empty: nothing to draw")
+    num_models = len(examples[0]["predictions"])
+    row_height = EXAMPLE_CELL + EXAMPLE_CAPTION
+    grid = Image.new("RGB", ((2 + num_models) * EXAMPLE_CELL, len(examples) * row_height), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    width = EXAMPLE_CELL // 6  # characters that fit under a panel in PIL's default font
+
+    for row, example in enumerate(examples):
+        if len(example["predictions"]) != num_models:
+            raise ValueError(f"`examples`[{row}] has {len(example['predictions'])} predictions, expected {num_models}")
+        panels = [(_panel(example["image"]), f'"{example["text"]}"', ""),
+                  (_panel(example["image"], example["target"], _MASK_COLOURS["ground truth"]), "ground truth", "")]
+        panels += [(_panel(example["image"], mask, _MASK_COLOURS["prediction"]), label, f"IoU {iou:.2f}")
+                   for label, mask, iou in example["predictions"]]
+        top = row * row_height
+        for column, (panel, title, note) in enumerate(panels):
+            left = column * EXAMPLE_CELL
+            grid.paste(panel, (left, top))
+            draw.text((left + 4, top + EXAMPLE_CELL + 2), title[:width], fill=(0, 0, 0))
+            draw.text((left + 4, top + EXAMPLE_CELL + 15), note, fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
 
 
 EVAL_RECORD_KEYS = ("dataset", "split_by", "scored_output", "global_step", "results")
