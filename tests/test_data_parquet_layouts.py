@@ -128,3 +128,19 @@ def test_jxu124_test_split_is_refcoco_testA(refshapes_root, refer, tmp_path):
         load_refer_parquet(tmp_path, refshapes_root / "images", split="testA")
     with pytest.raises(ValueError, match="image_root"):
         load_refer_parquet(tmp_path, split="test")
+
+
+def test_training_data_passes_the_dataset_so_jxu124_test_reads_as_testA(refshapes_root, refer, tmp_path):
+    """`--parquet_files` through the scripts (`refseg.training.data.load_split`) names the dataset, so
+    `--dataset refcoco --split testA` finds jxu124's `test` rows."""
+    from train_args import DataArguments
+
+    from refseg.training.data import load_split
+
+    refs, instances = refer
+    rows = [dict(row, split="test") for row in jxu124_rows([r for r in refs if r["split"] == "testA"], instances)]
+    _write(rows, tmp_path / "test-00000-of-00001.parquet")
+    args = DataArguments(dataset="refcoco", parquet_files=str(tmp_path / "*.parquet"),
+                         image_root=str(refshapes_root / "images"))
+    got = load_split(args, "testA")
+    _assert_same_refs(got, load_refer(refshapes_root, "refshapes", "unc", "testA"))

@@ -41,7 +41,7 @@ def load_split(data_args, split: str):
         if not files:
             raise FileNotFoundError(f"`parquet_files` pattern {pattern!r} matches no file")
         image_root = data_args.image_root or str(Path(data_args.data_root) / "images")
-        return load_refer_parquet(files, image_root, split=split)
+        return load_refer_parquet(files, image_root, split=split, dataset=data_args.dataset)
     if data_args.dataset == "refshapes":
         ensure_refshapes(data_args)
     return load_refer(data_args.data_root, data_args.dataset, resolve_split_by(data_args), split,
