@@ -71,8 +71,10 @@ def test_a_pipeline_shared_by_8_threads_gives_the_sequential_results(method, tra
 def test_the_space_sets_its_queue_limits_on_purpose(app, model_dir, tmp_path):  # noqa: F811
     demo = app.build_demo(str(model_dir), examples_dir=tmp_path)
     assert demo._queue.max_size == app.QUEUE_SIZE
-    segment = next(fn for fn in demo.fns.values() if fn.api_name == "segment")
-    assert segment.concurrency_limit == app.CONCURRENCY_LIMIT > 1
+    segmenting = [fn for fn in demo.fns.values() if fn.name == "segment"]
+    assert len(segmenting) == 2  # the button and the text box's Enter
+    assert {(fn.concurrency_limit, fn.concurrency_id) for fn in segmenting} == {(app.CONCURRENCY_LIMIT, "segment")}
+    assert app.CONCURRENCY_LIMIT > 1
 
 
 def test_16_concurrent_sessions_each_get_their_own_masks_and_history(server, app, model_dir,  # noqa: F811

@@ -225,8 +225,10 @@ def build_demo(model_path: str = DEFAULT_MODEL, examples_dir=None, dtype=None) -
         gr.Examples(examples=examples, inputs=[image, text], cache_examples=False)
         event_inputs = [image, text, threshold, history]
         event_outputs = [annotated, summary, history, history_view]
-        button.click(segment, inputs=event_inputs, outputs=event_outputs, api_name="segment")
-        text.submit(segment, inputs=event_inputs, outputs=event_outputs, api_name=False)
+        # one concurrency group for both triggers: at most CONCURRENCY_LIMIT model calls at once in all
+        limits = {"concurrency_limit": CONCURRENCY_LIMIT, "concurrency_id": "segment"}
+        button.click(segment, inputs=event_inputs, outputs=event_outputs, api_name="segment", **limits)
+        text.submit(segment, inputs=event_inputs, outputs=event_outputs, api_name=False, **limits)
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
     return demo
 
