@@ -252,7 +252,8 @@ def _as_size(size, name: str) -> tuple[int, int]:
         size = size.tolist()
     pair = (size, size) if isinstance(size, (int, np.integer)) else size
     if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in pair
+        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and v >= 1
+        and float(v).is_integer() for v in pair
     ):
         raise ValueError(f"`{name}` must be a positive int or a (height, width) pair of positive ints, got {size!r:.80}")
     return int(pair[0]), int(pair[1])
