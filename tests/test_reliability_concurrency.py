@@ -79,7 +79,7 @@ def test_the_space_sets_its_queue_limits_on_purpose(app, model_dir, tmp_path):  
 
 def test_16_concurrent_sessions_each_get_their_own_masks_and_history(server, app, model_dir,  # noqa: F811
                                                                      two_referent_scenes, tmp_path):
-    segmenter = app.load_segmenter(str(model_dir))  # the very pipeline the server uses (cached)
+    segmenter = app.load_segmenter(str(model_dir), None)  # the very pipeline the server uses (same cache key)
     active, peak, lock = [0], [0], threading.Lock()
     forward = segmenter.forward
 

@@ -167,20 +167,23 @@ def make_examples(folder, num_images: int = NUM_EXAMPLE_IMAGES, seed: int = 0) -
     return examples
 
 
-class CheckedImage(gr.Image):
-    """`gr.Image` whose upload errors read as messages: Gradio opens the file (header only) before the
+def with_clear_upload_errors(image: gr.Image) -> gr.Image:
+    """`image` with upload errors that read as messages: Gradio opens the file (header only) before the
     app sees it, so a decompression bomb or a file that is no image fails there, with a bare server
-    error unless caught here. `is_template` keeps the stock image component in the browser."""
+    error unless caught here. (Wrapped on the instance: a `gr.Image` subclass would need a module file
+    for Gradio's component metaclass, which an app loaded by path has not.)"""
+    preprocess = image.preprocess
 
-    is_template = True
-
-    def preprocess(self, payload):
+    def checked(payload):
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except Image.DecompressionBombError as err:
             raise gr.Error(f"The image is too large to decode safely ({err}). Please downscale it.") from err
         except (OSError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
             raise gr.Error(f"The upload is not an image that can be read ({err}).") from err
+
+    image.preprocess = checked
+    return image
 
 
 class DemoBlocks(gr.Blocks):
@@ -214,7 +217,8 @@ def build_demo(model_path: str = DEFAULT_MODEL, examples_dir=None, dtype=None) -
         with gr.Row():
             with gr.Column():
                 # a path, so `check_image` sees the size before anything is decoded
-                image = CheckedImage(type="filepath", label="Image", image_mode=None, elem_id="input-image")
+                image = with_clear_upload_errors(
+                    gr.Image(type="filepath", label="Image", image_mode=None, elem_id="input-image"))
                 text = gr.Textbox(label="Referring expressions (one per line)", lines=3, elem_id="expressions")
                 threshold = gr.Slider(0.05, 0.95, value=default_threshold, step=0.05, label="Mask threshold")
                 button = gr.Button("Segment", variant="primary", elem_id="segment-button")
