@@ -34,13 +34,13 @@ from refseg.training import (
     save_checkpoint,
     staged_lr_lambda,
 )
-from refseg.training.checkpointing import read_state, resolve_checkpoint
+from refseg.training.checkpointing import pause_point
 from refseg.data import RandomAffineSaturation
 from refseg.training.data import load_eval_splits, load_train_split, resolve_split_by
 from refseg.training.evaluation import write_eval_results
 from refseg.training.modeling import build_model_and_processor, stage_parameters
 from refseg.training.optim import build_optimizer, resolve_gradient_accumulation
-from refseg.training.resume import load_state, write_main_state, write_rng_state
+from refseg.training.resume import restore_checkpoint, write_main_state, write_rng_state
 from refseg.training.samples import build_train_data, forward_input_names, get_train_sampler
 from refseg.training.schedules import parse_stage_learning_rates, parse_stages
 
@@ -70,8 +70,24 @@ def run_evaluation(accelerator, model, processor, eval_sets, args, step, output,
     return results
 
 
+def check_model_config(model_name_or_path):
+    """Fail before anything is built when a local `--model_name_or_path` folder's `config.json` does not
+    load (not JSON, a field of the wrong type): a `ValueError` naming the file. Hub ids pass through."""
+    config_file = Path(model_name_or_path) / "config.json"
+    if not config_file.is_file():
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(model_name_or_path))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"`model_name_or_path`: {config_file} does not load as a refseg config: {err}") from err
+
+
 def main(argv=None):
     model_args, data_args, args = parse_args(argv)
+    if model_args.model_name_or_path:
+        check_model_config(model_args.model_name_or_path)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -139,14 +155,18 @@ def main(argv=None):
     raw_model = accelerator.unwrap_model(model)
 
     global_step = 0
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
-    if checkpoint is not None:
-        load_state(checkpoint, model=raw_model, optimizer=optimizer, scheduler=scheduler,
-                   rank=accelerator.process_index)
-        global_step = read_state(checkpoint)["global_step"]
-        logger.info("resumed from %s at step %d", checkpoint, global_step)
-    elif args.resume_from_checkpoint:
-        logger.info("no checkpoint in %s; starting from scratch", output_dir)
+    if args.resume_from_checkpoint:
+        # `latest` skips a corrupt newest checkpoint for the previous complete one (logged), and in a
+        # folder without checkpoints starts a new run: a scheduler can restart a job with one command.
+        restored = restore_checkpoint(args.resume_from_checkpoint, output_dir, model=raw_model,
+                                      optimizer=optimizer, scheduler=scheduler, rank=accelerator.process_index)
+        if restored is not None:
+            checkpoint, state = restored
+            global_step = state["global_step"]
+            logger.info("resumed from %s at step %d", checkpoint, global_step)
+        else:
+            logger.info("--resume_from_checkpoint %s: no checkpoint in %s; starting a new training run",
+                        args.resume_from_checkpoint, output_dir)
 
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("refseg", config={k: v for k, v in {**vars(model_args), **vars(data_args),
@@ -191,6 +211,7 @@ def main(argv=None):
                     with accelerator.autocast():
                         loss = model(**batch).loss / args.gradient_accumulation_steps
                     accelerator.backward(loss)
+            pause_point(f"update-{global_step + 1}:backward")  # test hook: a kill mid-update
             if args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad],
                                             args.max_grad_norm)

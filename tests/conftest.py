@@ -206,3 +206,19 @@ def make_scene():
         return image
 
     return make
+
+
+# ------------------------------------------------------------------ hypothesis (tests/test_reliability_fuzz.py)
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a dev dependency; without it only the fuzz tests fail to import
+    settings = None
+if settings is not None:
+    _HYPOTHESIS_COMMON = dict(deadline=None, database=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                     HealthCheck.function_scoped_fixture])
+    # CI: few examples, derandomised (the same cases every run), no example database written to disk.
+    settings.register_profile("refseg-ci", max_examples=25, derandomize=True, **_HYPOTHESIS_COMMON)
+    # By hand: `REFSEG_HYPOTHESIS_PROFILE=refseg-thorough pytest tests/test_reliability_fuzz.py`.
+    settings.register_profile("refseg-thorough", max_examples=1000, **_HYPOTHESIS_COMMON)
+    settings.load_profile(os.environ.get("REFSEG_HYPOTHESIS_PROFILE", "refseg-ci"))

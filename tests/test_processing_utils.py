@@ -304,7 +304,9 @@ def test_mixin_prepare_and_post_process():
 
     logits = torch.full((2, 2, 2), math.log(0.4 / 0.6))  # sigmoid 0.4: above 0.35, below 0.5
     for outputs in (logits, ReferringSegmentationOutput(logits=logits), {"logits": logits}):
-        masks = processor.post_process_referring_segmentation(outputs)  # sizes of the last call
+        with pytest.raises(ValueError, match="target_sizes"):  # the processor keeps no sizes between calls
+            processor.post_process_referring_segmentation(outputs)
+        masks = processor.post_process_referring_segmentation(outputs, inputs.original_sizes)
         assert [m.shape for m in masks] == [(4, 6), (4, 6)] and all(m.all() for m in masks)
     masks = processor.post_process_referring_segmentation(logits, target_sizes=[(3, 3), (5, 5)], threshold=0.5)
     assert [m.shape for m in masks] == [(3, 3), (5, 5)] and not any(m.any() for m in masks)

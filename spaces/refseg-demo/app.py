@@ -18,6 +18,14 @@ expression, labelled "<expression> (<score>)") and a Markdown summary.
 
 State: the loaded pipeline is cached read-only for all visitors (`load_segmenter`); each visitor's
 history lives in a `gr.State`. Nothing else is module-level and mutable.
+
+Limits, set on purpose: Gradio's queue runs at most `CONCURRENCY_LIMIT` requests at once on the one
+shared pipeline (it keeps no per-call state, so concurrent calls are safe) and holds at most
+`QUEUE_SIZE` waiting ones (more are refused with "queue full"); uploads above `MAX_UPLOAD_SIZE` are
+refused by Gradio before the app sees them; an image is checked against `MAX_IMAGE_PIXELS` from its
+header, before it is decoded (PIL's decompression-bomb limit applies too); at most `MAX_EXPRESSIONS`
+expressions are segmented per request. Files: the app serves only what Gradio itself allows (its
+upload/cache folder and the examples it copied there); no `allowed_paths` are added.
 """
 
 import functools
@@ -31,6 +39,7 @@ from PIL import Image
 
 from refseg.data import load_refs_pickle, make_refshapes
 from refseg.pipelines import load_pipeline
+from refseg.processing_utils import load_image
 
 DEFAULT_MODEL = "refseg-quickstart/model"
 MODEL_ENV = "REFSEG_MODEL"
@@ -39,7 +48,10 @@ DTYPES = ("float32", "bfloat16", "float16")  # names transformers' `dtype=` take
 PORT_ENV = "GRADIO_SERVER_PORT"
 DEFAULT_PORT = 7860
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused with a message
+MAX_UPLOAD_SIZE = "25mb"  # larger files are refused by Gradio's upload route
 MAX_EXPRESSIONS = 8  # per request; extra lines are dropped with a warning
+CONCURRENCY_LIMIT = 2  # requests the shared pipeline serves at once (the Space hardware has 2 vCPUs)
+QUEUE_SIZE = 64  # requests that may wait; beyond that Gradio answers "queue full"
 HISTORY_LENGTH = 10  # rows of the per-session history
 NUM_EXAMPLE_IMAGES = 3
 
@@ -78,17 +90,35 @@ def parse_expressions(text) -> list[str]:
     return expressions
 
 
-def check_image(image) -> Image.Image:
-    """The uploaded image as RGB, or `gr.Error` when it is missing or larger than `MAX_IMAGE_PIXELS`."""
-    if image is None:
-        raise gr.Error("Upload an image first.")
-    if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.asarray(image))
-    if image.width * image.height > MAX_IMAGE_PIXELS:
+def _refuse_size(width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
         raise gr.Error(
-            f"The image is {image.width} x {image.height} pixels; the demo accepts at most "
+            f"The image is {width} x {height} pixels; the demo accepts at most "
             f"{MAX_IMAGE_PIXELS:,} pixels. Please downscale it."
         )
+
+
+def check_image(image) -> Image.Image:
+    """The uploaded image as RGB (EXIF orientation applied), or `gr.Error` when it is missing, not an
+    image, or larger than `MAX_IMAGE_PIXELS`. A file path (what the app's `gr.Image` hands over) is
+    checked from its header before it is decoded."""
+    if image is None:
+        raise gr.Error("Upload an image first.")
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as header:  # lazy: reads the size, decodes nothing
+                _refuse_size(*header.size)
+        except Image.DecompressionBombError as err:
+            raise gr.Error(f"The image is too large to decode safely ({err}). Please downscale it.") from err
+        except (OSError, SyntaxError) as err:
+            raise gr.Error(f"The upload is not an image that can be read ({err}).") from err
+        try:
+            return load_image(image)
+        except ValueError as err:
+            raise gr.Error(f"The upload is not an image that can be read ({err}).") from err
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    _refuse_size(image.width, image.height)
     return image.convert("RGB")
 
 
@@ -137,6 +167,33 @@ def make_examples(folder, num_images: int = NUM_EXAMPLE_IMAGES, seed: int = 0) -
     return examples
 
 
+def with_clear_upload_errors(image: gr.Image) -> gr.Image:
+    """`image` with upload errors that read as messages: Gradio opens the file (header only) before the
+    app sees it, so a decompression bomb or a file that is no image fails there, with a bare server
+    error unless caught here. (Wrapped on the instance: a `gr.Image` subclass would need a module file
+    for Gradio's component metaclass, which an app loaded by path has not.)"""
+    preprocess = image.preprocess
+
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except Image.DecompressionBombError as err:
+            raise gr.Error(f"The image is too large to decode safely ({err}). Please downscale it.") from err
+        except (OSError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
+            raise gr.Error(f"The upload is not an image that can be read ({err}).") from err
+
+    image.preprocess = checked
+    return image
+
+
+class DemoBlocks(gr.Blocks):
+    """`gr.Blocks` whose `launch` refuses uploads above `MAX_UPLOAD_SIZE` unless given another
+    `max_file_size`: the limit holds however the app is launched (`main`, tests, `gradio app.py`)."""
+
+    def launch(self, *args, max_file_size=None, **kwargs):
+        return super().launch(*args, max_file_size=max_file_size or MAX_UPLOAD_SIZE, **kwargs)
+
+
 def build_demo(model_path: str = DEFAULT_MODEL, examples_dir=None, dtype=None) -> gr.Blocks:
     """The Blocks app for the model at `model_path` (folder or Hub id) in `dtype` (a `DTYPES` name;
     `None`: the checkpoint's); loads the model now."""
@@ -149,7 +206,7 @@ def build_demo(model_path: str = DEFAULT_MODEL, examples_dir=None, dtype=None) -
         annotated, summary, history = segment_image(segmenter, image, text, threshold, history)
         return annotated, summary, history, format_history(history)
 
-    with gr.Blocks(title="refseg: referring image segmentation") as demo:
+    with DemoBlocks(title="refseg: referring image segmentation") as demo:
         gr.Markdown(
             "# Referring image segmentation\n"
             f"Model: `{model_path}` ({str(segmenter.model.dtype).removeprefix('torch.')}). Upload an image, "
@@ -159,7 +216,9 @@ def build_demo(model_path: str = DEFAULT_MODEL, examples_dir=None, dtype=None) -
         history = gr.State([])
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", image_mode="RGB", elem_id="input-image")
+                # a path, so `check_image` sees the size before anything is decoded
+                image = with_clear_upload_errors(
+                    gr.Image(type="filepath", label="Image", image_mode=None, elem_id="input-image"))
                 text = gr.Textbox(label="Referring expressions (one per line)", lines=3, elem_id="expressions")
                 threshold = gr.Slider(0.05, 0.95, value=default_threshold, step=0.05, label="Mask threshold")
                 button = gr.Button("Segment", variant="primary", elem_id="segment-button")
@@ -170,8 +229,11 @@ def build_demo(model_path: str = DEFAULT_MODEL, examples_dir=None, dtype=None) -
         gr.Examples(examples=examples, inputs=[image, text], cache_examples=False)
         event_inputs = [image, text, threshold, history]
         event_outputs = [annotated, summary, history, history_view]
-        button.click(segment, inputs=event_inputs, outputs=event_outputs, api_name="segment")
-        text.submit(segment, inputs=event_inputs, outputs=event_outputs, api_name=False)
+        # one concurrency group for both triggers: at most CONCURRENCY_LIMIT model calls at once in all
+        limits = {"concurrency_limit": CONCURRENCY_LIMIT, "concurrency_id": "segment"}
+        button.click(segment, inputs=event_inputs, outputs=event_outputs, api_name="segment", **limits)
+        text.submit(segment, inputs=event_inputs, outputs=event_outputs, api_name=False, **limits)
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
     return demo
 
 

@@ -111,16 +111,26 @@ def load_image(image) -> Image.Image:
     path (`str` / `Path`) to an image file. Anything else raises `ValueError` naming `images`.
     """
     if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
+        try:
+            return _pil_to_rgb(image)
+        except OSError as err:  # a lazily opened file that turns out truncated when decoded
+            raise ValueError(f"`images`: cannot decode the PIL image ({err})") from err
     if isinstance(image, (str, Path)):
         try:
-            with Image.open(image) as opened:
+            with Image.open(image) as opened:  # PIL refuses a decompression bomb here, from the header alone
                 opened.load()
                 return _pil_to_rgb(opened)
-        except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError) as err:
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"`images`: the image file {str(image)!r} is too large to decode ({err})") from err
+        except (OSError, UnidentifiedImageError, SyntaxError, EOFError) as err:  # missing, truncated, not an image
             raise ValueError(f"`images`: cannot open an image file at {str(image)!r} ({err})") from err
     if isinstance(image, torch.Tensor):
-        return _array_to_pil(image.detach().cpu().numpy(), channels_first=True)
+        tensor = image.detach().cpu()
+        if tensor.layout != torch.strided or tensor.is_complex() or tensor.is_quantized:
+            raise ValueError(f"`images`: unsupported tensor (layout {tensor.layout}, dtype {tensor.dtype})")
+        if tensor.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
+            tensor = tensor.float()
+        return _array_to_pil(tensor.numpy(), channels_first=True)
     if isinstance(image, np.ndarray):
         return _array_to_pil(image, channels_first=False)
     raise ValueError(
@@ -237,13 +247,16 @@ def resize_longest_side_shape(height: int, width: int, longest_side: int) -> tup
 
 
 def _as_size(size, name: str) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
+    """`size` (an int or a (height, width) pair of positive ints) -> (height, width); else `ValueError`."""
     if isinstance(size, torch.Tensor):
         size = size.tolist()
-    if not isinstance(size, (list, tuple)) or len(size) != 2:
-        raise ValueError(f"`{name}` must be an int or an (height, width) pair, got {size!r}")
-    return int(size[0]), int(size[1])
+    pair = (size, size) if isinstance(size, (int, np.integer)) else size
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
+        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and v >= 1
+        and float(v).is_integer() for v in pair
+    ):
+        raise ValueError(f"`{name}` must be a positive int or a (height, width) pair of positive ints, got {size!r:.80}")
+    return int(pair[0]), int(pair[1])
 
 
 def resize_masks_to_input(masks, size, *, longest_side: bool = False) -> torch.Tensor:
@@ -365,9 +378,8 @@ class ReferringSegmentationProcessorMixin:
         paired_images, texts, indices = pair_images_and_texts(images, text)
         loaded_masks = None if masks is None else validate_masks(masks, paired_images)
         sizes = get_original_sizes(paired_images)
-        # Remembered for `post_process_referring_segmentation(outputs)` without target sizes.
-        # Convenience only: concurrent callers should pass `target_sizes` explicitly.
-        self._last_original_sizes = sizes
+        # Nothing of the call is kept on the processor: one processor serves many threads at once
+        # (a pipeline behind a web server), so the sizes travel in the output's `original_sizes`.
         return ReferringInputs(paired_images, texts, indices, loaded_masks, sizes)
 
     def encode_square_pairs(self, inputs: ReferringInputs, return_tensors=None, **tokenizer_kwargs):
@@ -408,8 +420,9 @@ class ReferringSegmentationProcessorMixin:
         Args:
             outputs: a `ReferringSegmentationOutput` (or anything with `.logits` / `["logits"]`)
                 or the logits tensor `(B, h, w)` itself.
-            target_sizes: `(B, 2)` (height, width) per mask, usually the processor output's
-                `original_sizes`; defaults to the sizes of this processor's last call.
+            target_sizes: `(B, 2)` (height, width) per mask: the processor output's `original_sizes`.
+                Required: the processor keeps no state between calls (so it is safe to share between
+                threads), hence no "sizes of the last call".
             threshold: defaults to `self.threshold`.
         """
         logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
@@ -418,9 +431,7 @@ class ReferringSegmentationProcessorMixin:
         if logits is None:
             raise ValueError(f"`outputs` must be a model output with `logits` or a tensor, got {_describe(outputs)}")
         if target_sizes is None:
-            target_sizes = getattr(self, "_last_original_sizes", None)
-            if target_sizes is None:
-                raise ValueError("`target_sizes` is required (pass the processor output's `original_sizes`)")
+            raise ValueError("`target_sizes` is required (pass the processor output's `original_sizes`)")
         threshold = self.threshold if threshold is None else threshold
         sizes = _as_target_sizes(target_sizes, logits.shape[0])
         valid_sizes = None

@@ -250,8 +250,12 @@ def load_refer(
     refs = load_refs_pickle(refs_path)
     if not isinstance(refs, list):
         raise ValueError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
-    with open(instances_path, encoding="utf-8") as handle:
-        images, anns = _index_instances(json.load(handle), instances_path)
+    try:
+        with open(instances_path, encoding="utf-8") as handle:
+            instances = json.load(handle)
+    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError: a file cut short or damaged
+        raise ValueError(f"{instances_path}: not a valid JSON file (cut short or damaged?): {err}") from err
+    images, anns = _index_instances(instances, instances_path)
 
     specs = _collect_specs(refs, refs_path, instances_path, images, anns, str(image_root), split, verify_images)
     if not specs:

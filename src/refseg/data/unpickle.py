@@ -89,11 +89,21 @@ def restricted_loads(data: bytes, *, source: str = "<bytes>") -> Any:
 
 
 def _load(data: bytes, source: str, encoding: str) -> Any:
+    if len(data) >= 2 and data[0] == pickle.PROTO[0] and data[1] > pickle.HIGHEST_PROTOCOL:
+        raise pickle.UnpicklingError(
+            f"{source}: written with pickle protocol {data[1]}, newer than this Python reads (protocols 0-"
+            f"{pickle.HIGHEST_PROTOCOL}); re-save it with protocol {pickle.HIGHEST_PROTOCOL} or lower"
+        )
     try:
         return RestrictedUnpickler(io.BytesIO(data), source=source, encoding=encoding).load()
-    except (pickle.UnpicklingError, UnicodeDecodeError):
-        raise
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as err:
+    except UnicodeDecodeError:
+        raise  # the caller retries with latin-1
+    except pickle.UnpicklingError as err:
+        if str(err).startswith(source):  # ours: already names the file
+            raise
+        # the C unpickler's own ("pickle data was truncated", ...) names no file
+        raise pickle.UnpicklingError(f"{source}: not a valid pickle (cut short or damaged? {err})") from err
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError) as err:
         raise pickle.UnpicklingError(f"{source}: not a valid pickle ({type(err).__name__}: {err})") from err
 
 

@@ -39,8 +39,10 @@ annotated, scores, history = client.predict(
 )
 ```
 
-Images above 16.7 megapixels and empty expressions are refused with a message; at most 8
-expressions are segmented per request. Examples are RefShapes images generated at start-up.
+Images above 16.7 megapixels (checked from the file header, before decoding), decompression
+bombs, files that are not images, uploads above 25 MB and empty expressions are refused with a
+message; at most 8 expressions are segmented per request. Gradio's queue runs 2 requests at once
+and holds up to 64 waiting. Examples are RefShapes images generated at start-up.
 """
 
 

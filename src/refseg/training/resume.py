@@ -6,15 +6,29 @@
 - `scheduler.json`: the learning-rate scheduler's plain-number state.
 - `rng_state_<rank>.json` / `.safetensors`: Python, NumPy and torch generator states per process.
 No file is unpickled beyond `torch.load(weights_only=True)`.
+
+Reading is two-phase: `read_checkpoint_files` loads and checks every file first (a file that does
+not read back raises `CorruptCheckpointError` naming it), and only then are the model, optimizer,
+scheduler and generators changed, so a corrupt checkpoint leaves the run untouched.
+`restore_checkpoint` adds the fallback of `--resume_from_checkpoint latest`: a corrupt newest
+checkpoint is skipped, with a warning naming the file, for the previous complete one.
 """
 
 import json
+import logging
+import pickle
 import random
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .checkpointing import CorruptCheckpointError, list_checkpoints, read_state, resolve_checkpoint, verify_checkpoint
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "method_weights.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -51,23 +65,108 @@ def write_rng_state(directory, rank: int):
     save_file(tensors, str(directory / f"rng_state_{rank}.safetensors"))
 
 
-def load_state(directory, *, model, optimizer, scheduler, rank: int):
-    """Restore weights, optimizer, scheduler and this process's RNG from a checkpoint folder."""
+# What a file that does not read back raises: safetensors' own error, torch's zip reader (RuntimeError),
+# the restricted unpickler of `weights_only=True` (UnpicklingError), a cut-short file (EOFError), JSON.
+_READ_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, ValueError, KeyError,
+                TypeError, IndexError, UnicodeDecodeError)
+
+
+def _read(path: Path, reader, check=None, expected: str = ""):
+    try:
+        value = reader(path)
+    except _READ_ERRORS as err:
+        raise CorruptCheckpointError(path, f"corrupt checkpoint file ({type(err).__name__}: {str(err)[:200]})") from err
+    if check is not None and not check(value):
+        raise CorruptCheckpointError(path, f"corrupt checkpoint file (expected {expected}, got {type(value).__name__})")
+    return value
+
+
+def _json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_checkpoint_files(directory, *, rank: int) -> dict:
+    """Every file `load_state` needs, read and checked; nothing is applied yet.
+
+    Returns `{"weights", "optimizer", "scheduler", "rng_json", "rng_tensors"}` (the two RNG entries are
+    `None` when this rank has no saved state). Raises `CorruptCheckpointError` naming the first file
+    that is missing, truncated, or of the wrong structure.
+    """
     directory = Path(directory)
-    model.load_trainable_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-    state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state)
-    scheduler.load_state_dict(json.loads((directory / SCHEDULER_FILE).read_text()))
+    out = {
+        "weights": _read(directory / WEIGHTS_FILE, lambda p: load_file(str(p))),
+        "optimizer": _read(directory / OPTIMIZER_FILE,
+                           lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                           lambda v: isinstance(v, dict) and {"state", "param_groups"} <= v.keys(),
+                           "an optimizer state dict"),
+        "scheduler": _read(directory / SCHEDULER_FILE, _json, lambda v: isinstance(v, dict), "a JSON object"),
+        "rng_json": None, "rng_tensors": None,
+    }
     json_path = directory / f"rng_state_{rank}.json"
     if json_path.is_file():  # a run resumed on more processes than it was saved with has none
-        rng = json.loads(json_path.read_text())
-        version, internal, gauss = rng["python"]
+        out["rng_json"] = _read(json_path, _json, lambda v: isinstance(v, dict) and {"python", "numpy"} <= v.keys(),
+                                "a JSON object with 'python' and 'numpy'")
+        out["rng_tensors"] = _read(directory / f"rng_state_{rank}.safetensors", lambda p: load_file(str(p)),
+                                   lambda v: "torch" in v, "a 'torch' generator state")
+    return out
+
+
+def load_state(directory, *, model, optimizer, scheduler, rank: int):
+    """Restore weights, optimizer, scheduler and this process's RNG from a checkpoint folder.
+
+    Raises `CorruptCheckpointError` (before changing anything) when a file does not read back.
+    """
+    files = read_checkpoint_files(directory, rank=rank)
+    model.load_trainable_state_dict(files["weights"])
+    optimizer.load_state_dict(files["optimizer"])
+    scheduler.load_state_dict(files["scheduler"])
+    if files["rng_json"] is not None:
+        version, internal, gauss = files["rng_json"]["python"]
         random.setstate((version, tuple(internal), gauss))
-        name, keys, *rest = rng["numpy"]
+        name, keys, *rest = files["rng_json"]["numpy"]
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-        tensors = load_file(str(directory / f"rng_state_{rank}.safetensors"))
+        tensors = files["rng_tensors"]
         torch.set_rng_state(tensors["torch"])
         if torch.cuda.is_available():
             states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
             if len(states) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states)
+
+
+def restore_checkpoint(resume_from: str, output_dir, *, model, optimizer, scheduler, rank: int
+                       ) -> Optional[tuple]:
+    """Resume from `resume_from` (`"latest"` or a checkpoint folder); returns `(folder, state)` or `None`.
+
+    `"latest"` tries the complete checkpoints of `output_dir` newest first: one whose files fail
+    `verify_checkpoint` (recorded SHA-256) or do not read back is skipped with a warning naming the
+    file, and the previous one is used. `None` when there is no checkpoint at all (a fresh run). A
+    folder named explicitly is never swapped for another: its corruption raises.
+
+    Raises:
+        CorruptCheckpointError: the named folder is corrupt, or every checkpoint in `output_dir` is
+            (the message lists them; starting over silently would throw the run away).
+    """
+    if resume_from == "latest":
+        candidates = list(reversed(list_checkpoints(output_dir)))
+        if not candidates:
+            return None
+    else:
+        candidates = [resolve_checkpoint(resume_from, output_dir)]
+    skipped = []
+    for folder in candidates:
+        try:
+            verify_checkpoint(folder)
+            state = read_state(folder)
+            load_state(folder, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank)
+        except CorruptCheckpointError as err:
+            if resume_from != "latest":
+                raise
+            logger.warning("skipping %s: %s; falling back to the previous complete checkpoint", folder.name, err)
+            skipped.append(str(err))
+            continue
+        if skipped:
+            logger.warning("resuming from %s instead of the newest checkpoint (%d corrupt one(s) skipped)",
+                           folder, len(skipped))
+        return folder, state
+    raise CorruptCheckpointError(Path(output_dir), "every checkpoint in this folder is corrupt, so there is nothing "
+                                 "to resume from (delete them to start over): " + "; ".join(skipped))
