@@ -78,8 +78,6 @@ def test_a_parquet_file_with_a_column_missing_is_refused_naming_the_file(parquet
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="src/refseg/data/parquet.py (issue 15's) lets pyarrow's ArrowInvalid "
-                   "('Parquet magic bytes not found in footer ...') through without the file's name; to reconcile")
 def test_a_parquet_file_cut_short_is_refused_naming_the_file(parquet_file):
     path, images = parquet_file
     data = path.read_bytes()

@@ -227,15 +227,36 @@ def _embedded_expressions(row: dict, where: str) -> list[str]:
     return texts
 
 
+def _read_schema_names(path: str) -> set[str]:
+    """Column names of parquet file `path`; `ValueError` naming the file when it is not readable parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return set(pq.read_schema(path).names)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{path}: not a readable parquet file ({error})") from error
+
+
+def _read_table(path: str, columns: list[str]):
+    """`columns` of parquet file `path` as a pyarrow table; `ValueError` naming the file when it is damaged."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{path}: not a readable parquet file ({error})") from error
+
+
 def _embedded_refs(files: list[str], split: str | None, dataset: str | None) -> tuple[list[dict], set[str]]:
     """Pass 1 over the self-contained layout, images left unread: one dict per ref (module docstring)."""
-    import pyarrow.parquet as pq
 
     refs: dict[tuple, dict] = {}
     seen_splits: set[str] = set()
     for path in files:
-        schema_names = set(pq.read_schema(path).names)
-        table = pq.read_table(path, columns=[c for c in _EMBEDDED_COLUMNS if c in schema_names])
+        schema_names = _read_schema_names(path)
+        table = _read_table(path, [c for c in _EMBEDDED_COLUMNS if c in schema_names])
         file_split = _file_split(path)
         for k, row in enumerate(table.to_pylist()):
             where = f"{path}: row {k}"
@@ -271,7 +292,6 @@ def _embedded_dataset(refs: list[dict], *, fingerprint: str, split: str | None, 
     """Pass 2: read each ref's image bytes from its first row, decode its mask; `REFER_FEATURES` rows."""
     import io
 
-    import pyarrow.parquet as pq
     from PIL import Image
 
     by_file: dict[str, dict[int, dict]] = {}
@@ -281,7 +301,7 @@ def _embedded_dataset(refs: list[dict], *, fingerprint: str, split: str | None, 
     def generate():
         sent_id = 0
         for path, wanted in by_file.items():
-            images = pq.read_table(path, columns=["image"]).column("image")
+            images = _read_table(path, ["image"]).column("image")
             for row in sorted(wanted):
                 ref = wanted[row]
                 image = images[row].as_py()
@@ -315,9 +335,8 @@ def _embedded_dataset(refs: list[dict], *, fingerprint: str, split: str | None, 
 def parquet_layout(path: str) -> str:
     """`"embedded"` (`image` and `segmentation` columns, no `raw_anns`: the lmms-lab copies) or `"jxu124"` (refer
     columns: `raw_anns`, `ref_id`, `sentences`); `ValueError` for any other file."""
-    import pyarrow.parquet as pq
 
-    names = set(pq.read_schema(path).names)
+    names = _read_schema_names(path)
     if {"image", "segmentation"} <= names and "raw_anns" not in names:
         return "embedded"
     if names & {"raw_anns", "ref_id", "sentences", "raw_sentences"}:
@@ -351,7 +370,6 @@ def load_refer_parquet(
     Returns:
         `datasets.Dataset` with the features of `load_refer` (`REFER_FEATURES`).
     """
-    import pyarrow.parquet as pq  # datasets depends on pyarrow
 
     files = _resolve_files(path_or_files)
     layouts = {path: parquet_layout(path) for path in files}
@@ -375,8 +393,8 @@ def load_refer_parquet(
     seen_splits: set[str] = set()
     size_cache: dict[str, tuple[int, int]] = {}
     for path in files:
-        schema_names = set(pq.read_schema(path).names)
-        table = pq.read_table(path, columns=[c for c in _COLUMNS if c in schema_names])
+        schema_names = _read_schema_names(path)
+        table = _read_table(path, [c for c in _COLUMNS if c in schema_names])
         for k, row in enumerate(table.to_pylist()):
             if row.get("split") is not None:
                 row["split"] = _canonical_split(str(row["split"]), dataset)
