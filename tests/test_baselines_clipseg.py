@@ -203,8 +203,13 @@ def test_a_processor_without_a_square_size_needs_image_size(stock_clipseg):
     with pytest.raises(ValueError, match="image_size"):
         ClipsegReferringProcessor(stock)
     assert ClipsegReferringProcessor(stock, image_size=48).image_size == 48
-    with pytest.raises(ValueError, match="processor"):
+    with pytest.raises(ValueError, match="`processor` must be a CLIPSegProcessor"):
         ClipsegReferringProcessor(object())
+    for threshold in (0.0, 1.5):
+        with pytest.raises(ValueError, match="threshold"):
+            ClipsegReferringProcessor(stock, image_size=48, threshold=threshold)
+    assert ClipsegReferringProcessor(stock, image_size=48).threshold == DEFAULT_THRESHOLD
+    assert ClipsegReferringProcessor(stock, image_size=48, threshold=0.2).threshold == 0.2
     image = Image.new("RGB", (10, 10))
     with pytest.raises(ValueError, match="unexpected"):
         ClipsegReferringProcessor(stock, image_size=48)(images=image, text="x", padding="max_length")

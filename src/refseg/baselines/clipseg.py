@@ -38,7 +38,8 @@ from transformers import CLIPModel, CLIPSegConfig, CLIPSegForImageSegmentation, 
 
 from ..adapters.io import adapter_state_dict, load_adapter_state_dict
 from ..modeling_outputs import ReferringSegmentationOutput
-from ..processing_utils import ReferringSegmentationProcessorMixin, load_clip_parts
+from ..processing_utils import load_clip_parts
+from .wrapping import StockProcessorWrapper
 
 DEFAULT_THRESHOLD = 0.5
 TRAINING_STAGES = ("default",)
@@ -133,7 +134,7 @@ class ClipsegReferringModel(CLIPSegForImageSegmentation):
                                            text_embeds=outputs.conditional_embeddings, loss_dict=loss_dict)
 
 
-class ClipsegReferringProcessor(ReferringSegmentationProcessorMixin):
+class ClipsegReferringProcessor(StockProcessorWrapper):
     """A stock `CLIPSegProcessor` with refseg's processor contract (module docstring).
 
     Args:
@@ -143,17 +144,11 @@ class ClipsegReferringProcessor(ReferringSegmentationProcessorMixin):
         threshold (`float`, *optional*): default mask threshold (`DEFAULT_THRESHOLD` when `None`).
     """
 
+    stock_processor_name = "CLIPSegProcessor"
+
     def __init__(self, processor, *, image_size: Optional[int] = None, threshold: Optional[float] = None):
-        if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
-            raise ValueError(f"`processor` must be a CLIPSegProcessor (image processor + tokenizer), "
-                             f"got {type(processor).__name__}")
-        self.processor = processor
-        self.image_processor = processor.image_processor
-        self.tokenizer = processor.tokenizer
+        super().__init__(processor, threshold=threshold, default_threshold=DEFAULT_THRESHOLD)
         self.image_size = int(image_size or _square_size(self.image_processor))
-        self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"`threshold` must be in (0, 1), got {threshold!r}")
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, image_size=None, threshold=None, **kwargs):

@@ -35,7 +35,8 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from ..modeling_outputs import ReferringSegmentationOutput
 from ..modeling_utils import unique_rows
-from ..processing_utils import ReferringSegmentationProcessorMixin, resize_masks_to_input
+from ..processing_utils import resize_masks_to_input
+from .wrapping import StockProcessorWrapper
 
 SELECTIONS = ("best", "union")
 DEFAULT_INSTANCE_THRESHOLD = 0.3
@@ -111,7 +112,7 @@ class Sam3ReferringModel(Sam3Model):
         return ReferringSegmentationOutput(logits=logits)
 
 
-class Sam3ReferringProcessor(ReferringSegmentationProcessorMixin):
+class Sam3ReferringProcessor(StockProcessorWrapper):
     """A stock `Sam3Processor` with refseg's processor contract (module docstring).
 
     Args:
@@ -119,16 +120,10 @@ class Sam3ReferringProcessor(ReferringSegmentationProcessorMixin):
         threshold (`float`, *optional*): mask threshold on the sigmoid (0.5, SAM3's `mask_threshold`, when `None`).
     """
 
+    stock_processor_name = "Sam3Processor"
+
     def __init__(self, processor, *, threshold: Optional[float] = None):
-        if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
-            raise ValueError(f"`processor` must be a Sam3Processor (image processor + tokenizer), "
-                             f"got {type(processor).__name__}")
-        self.processor = processor
-        self.image_processor = processor.image_processor
-        self.tokenizer = processor.tokenizer
-        self.threshold = 0.5 if threshold is None else float(threshold)
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"`threshold` must be in (0, 1), got {threshold!r}")
+        super().__init__(processor, threshold=threshold, default_threshold=0.5)
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, threshold=None, **kwargs):
