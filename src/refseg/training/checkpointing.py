@@ -76,6 +76,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _move_aside(path: Path, prefix: str) -> Path:
+    """Rename the folder `path` to `<prefix><name>` beside it (one atomic rename; a leftover of that name,
+    from a crash, is deleted first) and return the new path, for the caller to delete."""
+    aside = path.with_name(f"{prefix}{path.name}")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(path, aside)
+    return aside
+
+
 def list_checkpoints(output_dir) -> list:
     """Complete checkpoint folders in `output_dir`, oldest first."""
     output_dir = Path(output_dir)
@@ -117,10 +127,7 @@ def prune_checkpoints(output_dir, total_limit: Optional[int]) -> list:
     found = list_checkpoints(output_dir)
     removed = found[: max(len(found) - total_limit, 0)]
     for path in removed:
-        doomed = path.with_name(f".deleting-{path.name}")
-        if doomed.exists():
-            shutil.rmtree(doomed)
-        os.replace(path, doomed)  # atomic: the checkpoint is either whole or gone from `list_checkpoints`
+        doomed = _move_aside(path, ".deleting-")  # the checkpoint is either whole or gone from `list_checkpoints`
         pause_point(f"prune:{path.name}")
         shutil.rmtree(doomed)
         logger.info("removed old checkpoint %s", path)
@@ -166,10 +173,7 @@ def save_checkpoint(output_dir, step: int, write_files: Callable[[Path], None], 
         pause_point(f"checkpoint-{step}:state")
         stale = None
         if final.exists():  # the same step saved again: move the old copy aside (a rename), then delete it
-            stale = output_dir / f".stale-checkpoint-{step}"
-            if stale.exists():
-                shutil.rmtree(stale)
-            os.replace(final, stale)
+            stale = _move_aside(final, ".stale-")
         os.replace(tmp, final)
         _fsync(output_dir)
         if stale is not None:
