@@ -24,8 +24,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default="refshapes", metadata={"help": "refshapes | refcoco | refcoco+ | refcocog"})
-    split_by: Optional[str] = field(default=None, metadata={"help": "unc (refcoco, refcoco+, refshapes) | umd | google (refcocog)"})
+    dataset: str = field(default="refshapes", metadata={"help": "refshapes | refcoco | refcoco+ | refcocog, or several comma-separated (trained together without any held-out image; evaluation splits then named <dataset>:<split>)"})
+    split_by: Optional[str] = field(default=None, metadata={"help": "unc (refcoco, refcoco+, refshapes) | umd | google (refcocog); comma-separated per dataset for several"})
     data_root: str = field(default="data", metadata={"help": "folder holding <dataset>/refs(<split_by>).p and instances.json"})
     image_root: Optional[str] = field(default=None, metadata={"help": "image folder (default <data_root>/images)"})
     parquet_files: Optional[str] = field(default=None, metadata={"help": "read parquet copies instead: a glob per split, '{split}' is replaced"})

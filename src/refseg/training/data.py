@@ -11,13 +11,24 @@ logger = logging.getLogger(__name__)
 DEFAULT_SPLIT_BY = {"refshapes": "unc", "refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 
 
+def mixture_sources(data_args) -> list:
+    """`[(dataset, split_by), ...]` of a comma-separated `data_args.dataset` ("refcoco,refcoco+,refcocog"),
+    `split_by` comma-separated alike or empty (each dataset's usual split); one pair for one dataset."""
+    names = [d.strip() for d in data_args.dataset.split(",")]
+    split_bys = [s.strip() for s in (data_args.split_by or "").split(",")] if data_args.split_by else [""] * len(names)
+    if len(split_bys) != len(names):
+        raise ValueError(f"`split_by` {data_args.split_by!r} must name one split per dataset of {data_args.dataset!r}")
+    for name in names:
+        if name not in DEFAULT_SPLIT_BY:
+            raise ValueError(f"`dataset` must be one of {sorted(DEFAULT_SPLIT_BY)} (or several, comma-separated), "
+                             f"got {name!r}")
+    return [(name, split_by or DEFAULT_SPLIT_BY[name]) for name, split_by in zip(names, split_bys)]
+
+
 def resolve_split_by(data_args) -> str:
-    """`data_args.split_by`, else the dataset's usual split (`DEFAULT_SPLIT_BY`)."""
-    if data_args.split_by:
-        return data_args.split_by
-    if data_args.dataset not in DEFAULT_SPLIT_BY:
-        raise ValueError(f"`dataset` must be one of {sorted(DEFAULT_SPLIT_BY)}, got {data_args.dataset!r}")
-    return DEFAULT_SPLIT_BY[data_args.dataset]
+    """`data_args.split_by`, else the dataset's usual split (`DEFAULT_SPLIT_BY`); comma-separated for a
+    mixture of datasets."""
+    return ",".join(split_by for _, split_by in mixture_sources(data_args))
 
 
 def ensure_refshapes(data_args):
@@ -32,9 +43,25 @@ def ensure_refshapes(data_args):
 
 
 def load_split(data_args, split: str):
-    """The refs of one split as a `datasets.Dataset` (one row per ref)."""
-    from ..data import load_refer, load_refer_parquet
+    """The refs of one split as a `datasets.Dataset` (one row per ref).
 
+    With several datasets (`dataset: refcoco,refcoco+,refcocog`), the training split is their union
+    without the images of any held-out split (`refseg.data.load_refer_mixture`), and an evaluation split
+    is named `<dataset>:<split>` (`refcocog:val`)."""
+    from ..data import load_refer, load_refer_mixture, load_refer_parquet
+
+    sources = mixture_sources(data_args)
+    if len(sources) > 1:
+        if data_args.parquet_files:
+            raise ValueError("`parquet_files` reads one dataset; a mixture of datasets needs the refer layout")
+        if split == data_args.train_split:
+            return load_refer_mixture(data_args.data_root, sources, split, image_root=data_args.image_root)
+        dataset, _, name = split.rpartition(":")
+        split_by = dict(sources).get(dataset)
+        if split_by is None:
+            raise ValueError(f"split {split!r}: with several datasets, name evaluation splits "
+                             f"`<dataset>:<split>` with a dataset of {[d for d, _ in sources]}")
+        return load_refer(data_args.data_root, dataset, split_by, name, image_root=data_args.image_root)
     if data_args.parquet_files:
         pattern = data_args.parquet_files.replace("{split}", split)
         files = sorted(glob.glob(pattern))
@@ -44,7 +71,7 @@ def load_split(data_args, split: str):
         return load_refer_parquet(files, image_root, split=split, dataset=data_args.dataset)
     if data_args.dataset == "refshapes":
         ensure_refshapes(data_args)
-    return load_refer(data_args.data_root, data_args.dataset, resolve_split_by(data_args), split,
+    return load_refer(data_args.data_root, data_args.dataset, sources[0][1], split,
                       image_root=data_args.image_root)
 
 
