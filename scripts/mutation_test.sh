@@ -21,7 +21,9 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 
-all_modules=(losses metrics augment fusion layers processing_utils risclip_heads risclip_modeling)
+all_modules=(losses metrics augment fusion layers processing_utils
+             risclip_heads risclip_modeling cris_heads cris_modeling risam_heads risam_modeling
+             prompt_ris_heads prompt_ris_modeling prompts)
 
 # spec MODULE: sets `target` (the file to mutate), `tests` (pytest's test selection), `pytest_extra`
 # (arguments for every pytest run) and `skip_defs` (functions left unmutated, by the start of their
@@ -42,14 +44,27 @@ spec() {
         processing_utils)
             target=src/refseg/processing_utils.py
             tests=(tests/test_processing_utils.py tests/test_risclip_processing.py) ;;
-        risclip_heads)
-            target=src/refseg/models/risclip/modeling_risclip_heads.py
-            tests=(tests/test_risclip_modeling.py); pytest_extra=(-m "not slow") ;;
-        risclip_modeling)
-            target=src/refseg/models/risclip/modeling_risclip.py
-            tests=(tests/test_risclip_modeling.py); pytest_extra=(-m "not slow") ;;
+        # A method's files are held to the method's own tests (tests/**/test_<method>*.py, the equation
+        # references included) without the slow trained ones: a break of an equation must fail them.
+        risclip_heads|cris_heads|risam_heads|prompt_ris_heads)
+            method=${1%_heads}
+            target=src/refseg/models/$method/modeling_${method}_heads.py
+            method_tests "$method" ;;
+        risclip_modeling|cris_modeling|risam_modeling|prompt_ris_modeling)
+            method=${1%_modeling}
+            target=src/refseg/models/$method/modeling_${method}.py
+            method_tests "$method" ;;
+        prompts)  # Prompt-RIS's Cross-Modal Prompting lives in the adapters package
+            target=src/refseg/adapters/prompts.py
+            method_tests prompt_ris; tests+=(tests/test_adapter_prompts.py) ;;
         *) return 1 ;;
     esac
+}
+
+# method_tests METHOD: `tests` = every tests/**/test_METHOD*.py of the repository, `pytest_extra` = not slow
+method_tests() {
+    mapfile -t tests < <(cd "$repo" && find tests -name "test_$1*.py" | sort)
+    pytest_extra=(-m "not slow")
 }
 
 toml_list() {  # arguments -> a TOML list of strings
