@@ -17,12 +17,23 @@ from transformers import initialization as init
 LOADING_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "dtype", "attn_implementation", "device_map")
 
 
+def is_exporting() -> bool:
+    """True while `torch.export` (and so the ONNX exporter) or `torch.jit.trace` traces the model: code
+    that reads tensor values on the host or caches on storage pointers must take its plain path then."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def unique_rows(pixel_values: torch.Tensor):
     """`(representatives, inverse)`: indices of the first row of each distinct image in `pixel_values` (B, ...)
     and, per row, the position of its image among them (B,), so `pixel_values[representatives][inverse]`
     equals `pixel_values`. Rows are compared exactly; a cheap per-row fingerprint (one host sync) picks the
-    candidates, so distinct images cost no pairwise comparison."""
+    candidates, so distinct images cost no pairwise comparison. While `torch.export` (or `torch.jit.trace`)
+    traces the model every row is its own image: the comparison depends on the data, which an exported
+    graph cannot; the outputs are the same, only the sharing is lost."""
     batch = pixel_values.shape[0]
+    if is_exporting():  # comparing rows reads tensor data on the host: an exported graph encodes every row
+        every = torch.arange(batch, device=pixel_values.device)
+        return every, every
     flat = pixel_values.detach().reshape(batch, -1).float()
     weights = torch.linspace(1.0, 2.0, flat.shape[1], device=flat.device)
     fingerprints = torch.stack([flat.sum(1), (flat * weights).sum(1)], dim=1).tolist()
@@ -152,5 +163,5 @@ class ReferringSegmentationPreTrainedModel(PreTrainedModel):
         return loaded
 
 
-__all__ = ["LOADING_KWARGS", "ReferringSegmentationPreTrainedModel", "check_required_inputs", "check_text_inputs", "sine_positions_1d", "sine_positions_2d",
-           "unique_rows"]
+__all__ = ["LOADING_KWARGS", "ReferringSegmentationPreTrainedModel", "check_required_inputs", "check_text_inputs",
+           "is_exporting", "sine_positions_1d", "sine_positions_2d", "unique_rows"]

@@ -31,6 +31,7 @@ from ...modeling_utils import (
     ReferringSegmentationPreTrainedModel,
     check_required_inputs,
     check_text_inputs,
+    is_exporting,
     unique_rows,
 )
 from .configuration_prompt_ris import TRAINING_STAGES, PromptRisConfig
@@ -265,14 +266,20 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
         the table is computed once and kept until those weights change (a cache, never saved)."""
         encoder = self.sam.prompt_encoder
         gaussian, positive = encoder.shared_embedding.positional_embedding, encoder.point_embed[1].weight
-        key = (gaussian.data_ptr(), gaussian._version, positive.data_ptr(), positive._version, gaussian.dtype)
-        if self._point_table is None or self._point_table[0] != key:
+
+        def table():
             size = self.config.mask_size
             with torch.no_grad():
                 centres = (torch.arange(size, device=gaussian.device, dtype=gaussian.dtype) + 0.5) / size
                 y, x = torch.meshgrid(centres, centres, indexing="ij")
-                table = encoder.shared_embedding(torch.stack([x, y], dim=-1)) + positive  # (M, M, D_S)
-            self._point_table = (key, table.reshape(size * size, -1))
+                points = encoder.shared_embedding(torch.stack([x, y], dim=-1)) + positive  # (M, M, D_S)
+            return points.reshape(size * size, -1)
+
+        if is_exporting():  # traced tensors have no storage to key a cache on: the graph computes the table
+            return table()
+        key = (gaussian.data_ptr(), gaussian._version, positive.data_ptr(), positive._version, gaussian.dtype)
+        if self._point_table is None or self._point_table[0] != key:
+            self._point_table = (key, table())
         return self._point_table[1]
 
     def point_prompt(self, mask_logits: torch.Tensor) -> torch.Tensor:
