@@ -81,7 +81,7 @@ def test_visual_levels_come_from_the_configured_clip_layers():
     model = small_model(vision_feature_layers=[1, 2, 3])
     pixel_values = model_inputs()["pixel_values"]
     with torch.no_grad():
-        c3, c4, c5 = model.get_image_features(pixel_values)
+        c3, c4, c5 = model.get_visual_levels(pixel_values)
         hidden = model.clip.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=True,
                                          output_hidden_states=True).hidden_states
     grid = lambda t: t[:, 1:].transpose(1, 2).reshape(2, -1, 8, 8)  # noqa: E731
@@ -178,9 +178,9 @@ def test_frozen_clip_inside_gives_the_stock_features_and_everything_else_trains(
     model = CrisModel(config, clip_model=copy.deepcopy(stock)).eval()
     inputs = model_inputs()
     with torch.no_grad():
-        words, sentence = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+        words, sentence = model.get_word_features(inputs["input_ids"], inputs["attention_mask"])
         text = stock.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        _, c4, _ = model.get_image_features(inputs["pixel_values"])
+        _, c4, _ = model.get_visual_levels(inputs["pixel_values"])
         vision = stock.vision_model(pixel_values=inputs["pixel_values"], interpolate_pos_encoding=True,
                                     output_hidden_states=True)
     assert torch.equal(words, text.last_hidden_state)
@@ -212,7 +212,7 @@ def test_backbone_group_trains_at_a_tenth_of_the_base_rate():
     "kwargs, name",
     [
         ({"labels": torch.zeros(2, 48, 48)}, "labels"),
-        ({"original_sizes": torch.tensor([[5, 5], [5, 5]])}, "original_sizes"),
+        ({"sizes": torch.tensor([[5, 5], [5, 5]])}, "sizes"),  # unknown (the processor's original_sizes is accepted)
         ({"pixel_values": torch.randn(2, 3, 60, 64)}, "pixel_values"),
         ({"input_ids": torch.zeros(3, 7, dtype=torch.long)}, "input_ids"),
         ({"attention_mask": torch.ones(2, 5, dtype=torch.long)}, "attention_mask"),

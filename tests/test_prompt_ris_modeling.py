@@ -425,7 +425,7 @@ SAM_SHAPE = (2, 3, 256, 256)
         (lambda b: b.update(labels=torch.zeros(2, 100, 100)), "labels"),
         (lambda b: b.update(group_ids=torch.zeros(3, dtype=torch.long)), "group_ids"),
         (lambda b: b.update(instance_ids=torch.zeros(2, dtype=torch.long)), "instance_ids"),
-        (lambda b: b.update(original_sizes=torch.zeros(2, 2)), "original_sizes"),
+        (lambda b: b.update(sizes=torch.zeros(2, 2)), "sizes"),  # unknown (the processor's original_sizes is accepted)
     ],
     ids=["clip-size", "clip-not-square", "no-sam", "sam-size", "sam-batch", "ids-batch", "ids-too-long", "mask-shape",
          "labels", "group-ids", "instances-without-groups", "unexpected"],

@@ -84,7 +84,7 @@ def test_feature_levels_come_from_the_configured_sam_blocks(backbones):
              for i, layer in enumerate(stock.layers)]
     pixel_values = model_inputs()["pixel_values"]
     with torch.no_grad():
-        levels = model.get_image_features(pixel_values)
+        levels = model.get_visual_levels(pixel_values)
         hidden = stock(pixel_values, output_hidden_states=True).hidden_states
     for hook in hooks:
         hook.remove()
@@ -107,7 +107,7 @@ def test_feature_levels_come_from_the_configured_sam_blocks(backbones):
     other.load_trainable_state_dict(model.trainable_state_dict())  # the same heads
     inputs = model_inputs()
     with torch.no_grad():
-        other_levels = other.get_image_features(pixel_values)
+        other_levels = other.get_visual_levels(pixel_values)
         assert all(torch.equal(level, hidden[i + 1]) for level, i in zip(other_levels, [0, 1, 4]))
         assert (other(**inputs).logits - model(**inputs).logits).abs().max() > 1e-2
 
@@ -121,7 +121,7 @@ def test_frozen_encoders_give_the_stock_outputs_bit_for_bit(backbones):
     with torch.no_grad():
         ours = model.sam(pixel_values=inputs["pixel_values"], output_hidden_states=True)
         theirs = stock_sam(inputs["pixel_values"], output_hidden_states=True)
-        words = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+        words = model.get_word_features(inputs["input_ids"], inputs["attention_mask"])
         text = stock_clip(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     assert torch.equal(ours.last_hidden_state, theirs.last_hidden_state)
     assert len(ours.hidden_states) == len(theirs.hidden_states) == 7
@@ -337,7 +337,7 @@ def test_loss_is_half_focal_plus_half_dice_against_the_label(backbones):
     [
         ({"labels": torch.zeros(2, 48, 48)}, "labels"),
         ({"labels": torch.zeros(2, 1, SIZE, SIZE)}, "labels"),
-        ({"original_sizes": torch.tensor([[5, 5], [5, 5]])}, "original_sizes"),
+        ({"sizes": torch.tensor([[5, 5], [5, 5]])}, "sizes"),  # unknown (the processor's original_sizes is accepted)
         ({"pixel_values": torch.randn(2, 3, SIZE - 8, SIZE)}, "pixel_values"),
         ({"pixel_values": torch.randn(2, 1, SIZE, SIZE)}, "pixel_values"),
         ({"input_ids": torch.zeros(3, 7, dtype=torch.long)}, "input_ids"),

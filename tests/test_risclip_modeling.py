@@ -240,7 +240,7 @@ def test_stage_gradients_reach_only_that_stage():
     "kwargs, name",
     [
         ({"labels": torch.zeros(2, 32, 32)}, "labels"),
-        ({"original_sizes": torch.tensor([[5, 5], [5, 5]])}, "original_sizes"),
+        ({"sizes": torch.tensor([[5, 5], [5, 5]])}, "sizes"),  # unknown (the processor's original_sizes is accepted)
         ({"pixel_values": torch.randn(2, 3, 60, 64)}, "pixel_values"),
     ],
 )

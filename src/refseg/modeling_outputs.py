@@ -26,6 +26,21 @@ class ReferringSegmentationOutput(ModelOutput):
             Sentence-level text feature(s) used for decoding (method-specific shape).
         loss_dict (`dict[str, torch.FloatTensor]`, *optional*):
             The detached components of `loss`, for logging.
+        vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            With `output_hidden_states=True`: the image tower's embeddings and the output of each of its layers
+            (CLIP: `(B, 1 + N, C)` each; SAM, for RISAM: `(B, h, w, C)`), as the method ran them (adapters,
+            fusion and prompt tokens included).
+        vision_attentions (`tuple(torch.FloatTensor)`, *optional*):
+            With `output_attentions=True` (eager attention): each image-tower layer's attention weights
+            `(B, heads, queries, keys)` (SAM: `(B * windows, heads, tokens, tokens)`).
+        text_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            With `output_hidden_states=True`: the text tower's embeddings and each layer's output `(B, T, C)`.
+        text_attentions (`tuple(torch.FloatTensor)`, *optional*):
+            With `output_attentions=True`: each text-tower layer's attention weights `(B, heads, T, T)`.
+        sam_vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Prompt-RIS only (its second image encoder, SAM's): like `vision_hidden_states`.
+        sam_vision_attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Prompt-RIS only: like `vision_attentions`, for SAM's image encoder.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -34,6 +49,12 @@ class ReferringSegmentationOutput(ModelOutput):
     image_embeds: Optional[torch.FloatTensor] = None
     text_embeds: Optional[torch.FloatTensor] = None
     loss_dict: Optional[dict] = None
+    vision_hidden_states: Optional[tuple] = None
+    vision_attentions: Optional[tuple] = None
+    text_hidden_states: Optional[tuple] = None
+    text_attentions: Optional[tuple] = None
+    sam_vision_hidden_states: Optional[tuple] = None
+    sam_vision_attentions: Optional[tuple] = None
 
 
 __all__ = ["ReferringSegmentationOutput"]

@@ -5,13 +5,27 @@ A method's `XxxPreTrainedModel` subclasses `ReferringSegmentationPreTrainedModel
 modules of its own that need other values, and defers to this one for the rest.
 """
 
+import contextvars
+import functools
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 from transformers import CLIPModel, PreTrainedModel
 from transformers import initialization as init
+
+from .adapters.initialization import initialize_weights_with_adapters, reset_adapter_module
+
+# Inputs a refseg processor returns for post-processing only: `forward` accepts and ignores them, so that
+# `model(**processor(images=..., text=...))` works as with any transformers model.
+PROCESSOR_ONLY_INPUTS = ("original_sizes",)
+
+# True while `forward` records hidden states or attentions: every row is then encoded on its own (the
+# recorded tensors have one row per batch row; the outputs are the same up to float rounding).
+_EVERY_ROW = contextvars.ContextVar("refseg_encode_every_row", default=False)
 
 # Loading keyword arguments `from_backbones` hands to the backbones' `from_pretrained`.
 LOADING_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "dtype", "attn_implementation", "device_map")
@@ -29,9 +43,10 @@ def unique_rows(pixel_values: torch.Tensor):
     equals `pixel_values`. Rows are compared exactly; a cheap per-row fingerprint (one host sync) picks the
     candidates, so distinct images cost no pairwise comparison. While `torch.export` (or `torch.jit.trace`)
     traces the model every row is its own image: the comparison depends on the data, which an exported
-    graph cannot; the outputs are the same, only the sharing is lost."""
+    graph cannot; the outputs are the same, only the sharing is lost. So too while `forward` records hidden
+    states or attentions (each recorded tensor then has a row per batch row)."""
     batch = pixel_values.shape[0]
-    if is_exporting():  # comparing rows reads tensor data on the host: an exported graph encodes every row
+    if is_exporting() or _EVERY_ROW.get():  # an exported graph cannot compare rows (a host read of the data)
         every = torch.arange(batch, device=pixel_values.device)
         return every, every
     flat = pixel_values.detach().reshape(batch, -1).float()
@@ -50,10 +65,13 @@ def unique_rows(pixel_values: torch.Tensor):
 
 
 def check_required_inputs(pixel_values, input_ids, extra: dict) -> None:
-    """`ValueError` for inputs a method's `forward` does not take (`extra`, its `**kwargs`) or a missing
-    `pixel_values` / `input_ids`."""
-    if extra:
-        raise ValueError(f"unexpected inputs {sorted(extra)} (pop `original_sizes` from the processor output)")
+    """`ValueError` for inputs a method's `forward` does not take (`extra`, its `**kwargs`, less the
+    processor-only `original_sizes`) or a missing `pixel_values` / `input_ids`."""
+    unknown = sorted(set(extra) - set(PROCESSOR_ONLY_INPUTS))
+    if unknown:
+        raise ValueError(f"unexpected inputs {', '.join(f'`{name}`' for name in unknown)}: `forward` takes the processor's outputs (`pixel_values`, "
+                         f"`input_ids`, `attention_mask`, ...), `labels` and the output arguments "
+                         f"`output_hidden_states`, `output_attentions`, `return_dict`")
     if pixel_values is None or input_ids is None:
         raise ValueError("`pixel_values` and `input_ids` are required (one expression per image row)")
 
@@ -94,10 +112,102 @@ def sine_positions_2d(height: int, width: int, dim: int, *, device=None, dtype=N
     return encoding.reshape(height * width, dim).to(dtype or torch.float32)
 
 
+@dataclass(frozen=True)
+class RecordedTower:
+    """A backbone tower whose per-layer outputs `forward` can return: `name` prefixes the output fields
+    (`<name>_hidden_states`, `<name>_attentions`), `layers` is the attribute path of its `nn.ModuleList` of
+    encoder layers, `attention` the name of the attention module inside a layer (it returns
+    `(output, weights)`, as transformers' attention modules do)."""
+
+    name: str
+    layers: str
+    attention: str
+
+
+@contextmanager
+def record_tower_outputs(model: nn.Module, towers, *, hidden_states: bool, attentions: bool):
+    """Forward hooks on the towers' layers while the block runs; yields `{field: [tensor, ...]}` filled in
+    call order: `<name>_hidden_states` = the first layer's input (the embeddings) then every layer's output;
+    `<name>_attentions` = every layer's attention weights. Images are encoded once per row meanwhile."""
+    recorded, handles = {}, []
+
+    def first_input(states):
+        def hook(module, args, kwargs):
+            if not states:
+                states.append(args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    def output(values, index):
+        def hook(module, args, out):
+            value = out[index] if isinstance(out, (tuple, list)) else (out if index == 0 else None)
+            values.append(value)
+        return hook
+
+    token = _EVERY_ROW.set(True)
+    try:
+        for tower in towers:
+            layers = model.get_submodule(tower.layers)
+            if hidden_states:
+                states = recorded[f"{tower.name}_hidden_states"] = []
+                handles.append(layers[0].register_forward_pre_hook(first_input(states), with_kwargs=True))
+                handles += [layer.register_forward_hook(output(states, 0)) for layer in layers]
+            if attentions:
+                weights = recorded[f"{tower.name}_attentions"] = []
+                for layer in layers:
+                    modules = [m for n, m in layer.named_modules() if n.split(".")[-1] == tower.attention]
+                    handles.append(modules[0].register_forward_hook(output(weights, 1)))
+        yield recorded
+    finally:
+        _EVERY_ROW.reset(token)
+        for handle in handles:
+            handle.remove()
+
+
+def referring_forward(forward):
+    """Decorator of a method's `forward`: the standard transformers arguments around it.
+
+    - `original_sizes` (from the processor) is accepted and ignored, so `model(**processor(...))` works;
+      post-processing reads it from the processor output (`target_sizes=inputs["original_sizes"]`).
+    - `output_hidden_states` / `output_attentions` (default: the config's) add the backbone towers'
+      per-layer hidden states / attention weights (`model._recorded_towers`) to the output, as tuples:
+      `vision_hidden_states`, `text_hidden_states`, ... (attention weights need
+      `attn_implementation="eager"`; `ValueError` otherwise).
+    - `return_dict=False` (or `config.return_dict=False`) returns `output.to_tuple()`: the fields that are
+      not None, in declaration order.
+    """
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
+        config = self.config
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        return_dict = config.return_dict if return_dict is None else return_dict
+        for name in PROCESSOR_ONLY_INPUTS:
+            kwargs.pop(name, None)
+        if output_hidden_states or output_attentions:
+            towers = self._recorded_towers
+            with record_tower_outputs(self, towers, hidden_states=output_hidden_states,
+                                      attentions=output_attentions) as recorded:
+                outputs = forward(self, *args, **kwargs)
+            for key, values in recorded.items():
+                if not values:  # a tower this forward did not run (Prompt-RIS's SAM in the coarse stage)
+                    continue
+                if any(v is None for v in values):
+                    raise ValueError(f"`output_attentions=True`: the {key[:-len('_attentions')]} tower returned no "
+                                     f"attention weights; load the model with `attn_implementation=\"eager\"`")
+                outputs[key] = tuple(values)
+        else:
+            outputs = forward(self, *args, **kwargs)
+        return outputs if return_dict else outputs.to_tuple()
+
+    return wrapper
+
+
 class ReferringSegmentationPreTrainedModel(PreTrainedModel):
     """Weight initialisation of a method's own modules and the loading plumbing of every refseg model.
 
-    `_init_weights` covers the module kinds the heads are made of: `Conv2d` and `ConvTranspose2d`
+    `_init_weights` gives refseg's adapter modules (and PEFT LoRA layers) their own initial values, and covers
+    the module kinds the heads are made of: `Conv2d` and `ConvTranspose2d`
     (Kaiming normal, fan-out,
     ReLU gain; zero bias), `BatchNorm2d` (identity: weight 1, bias 0, fresh running statistics),
     `LayerNorm` (weight 1, bias 0) and `Linear` (normal with `config.initializer_range`, zero bias).
@@ -112,6 +222,8 @@ class ReferringSegmentationPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        if reset_adapter_module(module):  # adapters, fusion blocks, prompt tokens, LoRA: their own initial values
+            return
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
@@ -129,6 +241,15 @@ class ReferringSegmentationPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, std=self.config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
+
+    def initialize_weights(self):
+        """transformers' initialisation pass, made safe for every refseg model
+        (`refseg.adapters.initialize_weights_with_adapters`): each stock backbone's modules go to the backbone's
+        own `_init_weights` (CLIP's scaled normal, SAM's), the method's modules and the adapters injected into a
+        backbone to this class's, and every module is visited, also one with no tensor of its own (transformers'
+        shortcut for custom code would skip it: a checkpoint missing RISAM's query token left it uninitialised).
+        Tensors loaded from a checkpoint are never touched."""
+        initialize_weights_with_adapters(self)
 
     @classmethod
     def _from_clip(cls, clip, **overrides):
@@ -163,5 +284,6 @@ class ReferringSegmentationPreTrainedModel(PreTrainedModel):
         return loaded
 
 
-__all__ = ["LOADING_KWARGS", "ReferringSegmentationPreTrainedModel", "check_required_inputs", "check_text_inputs",
-           "is_exporting", "sine_positions_1d", "sine_positions_2d", "unique_rows"]
+__all__ = ["LOADING_KWARGS", "PROCESSOR_ONLY_INPUTS", "RecordedTower", "ReferringSegmentationPreTrainedModel",
+           "check_required_inputs", "check_text_inputs", "is_exporting", "record_tower_outputs", "referring_forward",
+           "sine_positions_1d", "sine_positions_2d", "unique_rows"]

@@ -19,7 +19,9 @@ Inputs: an image (PIL image of any mode, numpy array, torch tensor, file path or
 `text`, one expression or a list of them; or a dict `{"image": ..., "text": ...}`; or a list of
 either (one result list per image). Output per image: a list with one dict per expression, in order:
 
-- `"text"`: the expression;
+- `"score"`, `"label"`, `"mask"`, as transformers' `image-segmentation` pipeline gives them; `"label"`
+  is the expression;
+- `"text"`: the expression too (the name of earlier refseg releases);
 - `"mask"`: `PIL.Image` of mode "L" with values 0 / 255 at the image's size (after EXIF rotation),
   from the processor's `post_process_referring_segmentation`;
 - `"score"`: the mean foreground probability (sigmoid of the logits) over the pixels predicted as
@@ -178,7 +180,8 @@ class ReferringImageSegmentationPipeline(Pipeline):
             foreground = probability > threshold
             score = float(probability[foreground].mean()) if bool(foreground.any()) else 0.0
             pixels = mask.cpu().numpy().astype(np.uint8) * 255
-            results.append({"text": text, "mask": Image.fromarray(pixels), "score": score})  # uint8 (h, w) -> "L"
+            results.append({"score": score, "label": text, "mask": Image.fromarray(pixels),  # uint8 (h, w) -> "L"
+                            "text": text})
         return results
 
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .layers import AdapterModule
 
@@ -169,7 +170,7 @@ def _scaled(x: torch.Tensor, scale: Optional[nn.Parameter]) -> torch.Tensor:
     return x if scale is None else x * scale
 
 
-class PreFusionAdapter(AdapterModule):
+class PreFusionAdapter(AdapterModule, GradientCheckpointingLayer):
     """RISCLIP PreFusion (eqs. 5-8) between image layer n and text layer m.
 
         s_v = W_v2s LN(f_v),  s_t = W_t2s LN(f_t)                   (5)
@@ -243,7 +244,7 @@ class PreFusionAdapter(AdapterModule):
         return vision_states + _scaled(fused_v, self.vision_scale), text_states + _scaled(fused_t, self.text_scale)
 
 
-class PostFusionLayer(AdapterModule):
+class PostFusionLayer(AdapterModule, GradientCheckpointingLayer):
     """RISCLIP PostFusion: cross-attention, self-attention, MLP (each pre-LN, residual) per modality.
 
     Both streams live in CLIP's joint space after the final projections, so there is no shared

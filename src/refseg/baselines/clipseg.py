@@ -38,6 +38,7 @@ from transformers import CLIPModel, CLIPSegConfig, CLIPSegForImageSegmentation, 
 
 from ..adapters.io import adapter_state_dict, load_adapter_state_dict
 from ..modeling_outputs import ReferringSegmentationOutput
+from ..modeling_utils import PROCESSOR_ONLY_INPUTS, check_required_inputs
 from ..processing_utils import load_clip_parts
 from .wrapping import StockProcessorWrapper
 
@@ -110,28 +111,45 @@ class ClipsegReferringModel(CLIPSegForImageSegmentation):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                **kwargs) -> ReferringSegmentationOutput:
+                output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                return_dict: Optional[bool] = None, **kwargs) -> ReferringSegmentationOutput:
         """Stock CLIPSeg on (image, expression) pairs.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, 3, S, S)`): the images, one per expression.
             input_ids, attention_mask (`torch.LongTensor` of shape `(B, T)`): the expressions.
             labels (`torch.FloatTensor` of shape `(B, S, S)`, *optional*): 0/1 target masks.
+            output_hidden_states, output_attentions, return_dict: as in transformers; the stock CLIP image
+                tower's hidden states and attentions come back as `vision_*` (stock CLIPSeg returns none of its
+                text tower's).
+            original_sizes: the processor's, accepted and ignored (post-processing reads them).
 
         Returns:
             `ReferringSegmentationOutput` with `logits` (B, S, S), `text_embeds` (B, projection_dim) (the FiLM
             conditioning), and `loss` / `loss_dict` (`{"bce": ...}`) with `labels`.
         """
+        check_required_inputs(pixel_values, input_ids, kwargs)  # unknown inputs are an error, as for refseg's
+        for name in PROCESSOR_ONLY_INPUTS:
+            kwargs.pop(name, None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         if labels is not None:
             labels = labels.to(pixel_values.dtype)
         outputs = super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                  labels=labels, **kwargs)
+                                  labels=labels, output_hidden_states=output_hidden_states,
+                                  output_attentions=output_attentions, return_dict=True, **kwargs)
         logits = outputs.logits
         if logits.dim() == 2:  # the decoder squeezes its channel axis only, but stay safe for B == 1
             logits = logits.unsqueeze(0)
         loss_dict = None if outputs.loss is None else {"bce": outputs.loss.detach()}
-        return ReferringSegmentationOutput(loss=outputs.loss, logits=logits,
-                                           text_embeds=outputs.conditional_embeddings, loss_dict=loss_dict)
+        vision = outputs.vision_model_output  # the stock model returns no text-tower outputs
+        result = ReferringSegmentationOutput(
+            loss=outputs.loss, logits=logits, text_embeds=outputs.conditional_embeddings, loss_dict=loss_dict,
+            # CLIPSeg always asks its image tower for the decoder's layers: returned only when asked for
+            vision_hidden_states=vision.hidden_states if output_hidden_states else None,
+            vision_attentions=vision.attentions,
+        )
+        return result if return_dict else result.to_tuple()
 
 
 class ClipsegReferringProcessor(StockProcessorWrapper):

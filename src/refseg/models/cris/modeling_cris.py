@@ -17,7 +17,10 @@ from transformers import CLIPModel
 from ...adapters.model_mixin import AdaptedModelMixin
 from ...losses import bce_loss
 from ...modeling_outputs import ReferringSegmentationOutput
-from ...modeling_utils import ReferringSegmentationPreTrainedModel, check_required_inputs, check_text_inputs, unique_rows
+from ...modeling_utils import (
+    RecordedTower, ReferringSegmentationPreTrainedModel, check_required_inputs, check_text_inputs, referring_forward,
+    unique_rows,
+)
 from .configuration_cris import TRAINING_STAGES, CrisConfig
 from .modeling_cris_heads import CrisDecoder, CrisNeck, CrisProjector
 
@@ -59,7 +62,7 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
 
     One image, many expressions: the image tower does not see the text, so identical rows of
     `pixel_values` (the processor repeats an image once per expression) are encoded once and their features
-    shared (`config.share_image_encoding`). `get_image_features` / `get_text_features` run one tower alone
+    shared (`config.share_image_encoding`). `get_visual_levels` / `get_word_features` run one tower alone
     (benchmarks compare the full forward with them).
 
     Trainable weights: CRIS fine-tunes CLIP, so `trainable_state_dict()` (what training checkpoints keep)
@@ -76,6 +79,12 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
     >>> masks = processor.post_process_referring_segmentation(model(**inputs), original_sizes)  # threshold 0.35
     ```
     """
+
+    # backbone towers whose per-layer outputs `output_hidden_states` / `output_attentions` return
+    _recorded_towers = (
+        RecordedTower("vision", "clip.vision_model.encoder.layers", "self_attn"),
+        RecordedTower("text", "clip.text_model.encoder.layers", "self_attn"),
+    )
 
     modules_to_save = ("clip", "neck", "decoder", "projector")
     training_stages = TRAINING_STAGES
@@ -133,7 +142,7 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
         return [p for m in (self.neck, self.decoder, self.projector) for p in m.parameters() if p.requires_grad]
 
     # ----------------------------------------------------------------- the towers alone
-    def get_image_features(self, pixel_values: torch.Tensor) -> tuple:
+    def get_visual_levels(self, pixel_values: torch.Tensor) -> tuple:
         """The image tower alone: `pixel_values` (U, 3, H, W) -> the neck's three visual levels
         ((U, C_v, 2h, 2w), (U, C_v, h, w), (U, D, h/2, w/2)), h, w the token grid."""
         vision = self.clip.vision_model
@@ -152,7 +161,7 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
         c5 = F.avg_pool2d(to_map(projected), 2, 2, ceil_mode=True)  # 1/32
         return c3, c4, c5
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
+    def get_word_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
         """The text tower alone: -> word features F_t (B, T, C_t) and the sentence feature F_s (B, D), the
         [EOS] (last real) token through `text_projection`."""
         words = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -176,6 +185,7 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
         check_text_inputs(input_ids, attention_mask, pixel_values.shape[0],
                           self.config.clip_config.text_config.max_position_embeddings)
 
+    @referring_forward
     def forward(
         self,
         pixel_values: torch.FloatTensor,
@@ -208,13 +218,13 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
         # 1. image tower, once per distinct image
         if self.config.share_image_encoding and pixel_values.shape[0] > 1:
             representatives, inverse = unique_rows(pixel_values)
-            levels = self.get_image_features(pixel_values[representatives])
+            levels = self.get_visual_levels(pixel_values[representatives])
             if len(representatives) < pixel_values.shape[0]:
                 levels = tuple(level[inverse] for level in levels)
         else:
-            levels = self.get_image_features(pixel_values)
+            levels = self.get_visual_levels(pixel_values)
         # 2. text tower: words F_t and sentence F_s
-        words, sentence = self.get_text_features(input_ids, attention_mask)
+        words, sentence = self.get_word_features(input_ids, attention_mask)
         # 3. neck (eqs. 1-4): F_v (B, C, h, w)
         visual = self.neck(levels, sentence)
         # 4. vision-language decoder (eqs. 5-7): F_c (B, C, h, w)

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...modeling_utils import sine_positions_1d, sine_positions_2d
 
@@ -116,7 +117,7 @@ class CrisAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, n, -1))
 
 
-class CrisDecoderLayer(nn.Module):
+class CrisDecoderLayer(GradientCheckpointingLayer):
     """One vision-language decoder layer (eqs. 5-7, pre-norm): self-attention over pixels, cross-attention
     from pixels to words, FFN. Positions are added to queries and keys, not values; as the public code, each
     attention output is layer-normed before its residual sum and the FFN has a LayerNorm after its ReLU."""

@@ -28,10 +28,12 @@ from ...losses import bce_loss, dice_loss, instance_contrastive_loss
 from ...modeling_outputs import ReferringSegmentationOutput
 from ...modeling_utils import (
     LOADING_KWARGS,
+    RecordedTower,
     ReferringSegmentationPreTrainedModel,
     check_required_inputs,
     check_text_inputs,
     is_exporting,
+    referring_forward,
     unique_rows,
 )
 from .configuration_prompt_ris import TRAINING_STAGES, PromptRisConfig
@@ -150,6 +152,13 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
     >>> masks = processor.post_process_referring_segmentation(model(**inputs), original_sizes)  # threshold 0.5
     ```
     """
+
+    # backbone towers whose per-layer outputs `output_hidden_states` / `output_attentions` return
+    _recorded_towers = (
+        RecordedTower("vision", "clip.vision_model.encoder.layers", "self_attn"),
+        RecordedTower("text", "clip.text_model.encoder.layers", "self_attn"),
+        RecordedTower("sam_vision", "sam.vision_encoder.layers", "attn"),
+    )
 
     modules_to_save = ("cross_modal_prompting", "decoder", "text_prompter")
     training_stages = TRAINING_STAGES
@@ -360,6 +369,7 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
         if instance_ids is not None and group_ids is None:
             raise ValueError("`instance_ids` needs `group_ids`: instances are contrasted within an image group")
 
+    @referring_forward
     def forward(
         self,
         pixel_values: torch.FloatTensor,

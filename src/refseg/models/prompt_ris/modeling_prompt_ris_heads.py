@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 class PromptRisAttention(nn.Module):
@@ -112,7 +113,7 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
 
-class PromptRisDecoderLayer(nn.Module):
+class PromptRisDecoderLayer(GradientCheckpointingLayer):
     """Eq. 1 as one pre-LN layer: F_IC <- F_IC + CrossAttn(F_IC, F_T) (word padding masked) and
     F_T <- F_T + CrossAttn(F_T, F_IC), both reading the layer's inputs; then, unless `ffn_dim` is 0, a
     feed-forward block per modality (pre-LN, residual)."""
@@ -172,7 +173,7 @@ class PromptRisCoarseDecoder(nn.Module):
         return coarse, pixels, sentence
 
 
-class PromptRisTextPromptLayer(nn.Module):
+class PromptRisTextPromptLayer(GradientCheckpointingLayer):
     """One text-prompt block (pre-LN, residual): self-attention over the words (padding masked),
     cross-attention to SAM's image embedding (keys carry SAM's image-wide positional embedding, as in SAM's
     own decoder; values do not), MLP."""

@@ -21,9 +21,11 @@ from ...losses import dice_loss, sigmoid_focal_loss
 from ...modeling_outputs import ReferringSegmentationOutput
 from ...modeling_utils import (
     LOADING_KWARGS,
+    RecordedTower,
     ReferringSegmentationPreTrainedModel,
     check_required_inputs,
     check_text_inputs,
+    referring_forward,
     unique_rows,
 )
 from .configuration_risam import TRAINING_STAGES, RisamConfig
@@ -102,6 +104,12 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
     ```
     """
 
+    # backbone towers whose per-layer outputs `output_hidden_states` / `output_attentions` return
+    _recorded_towers = (
+        RecordedTower("vision", "sam.vision_encoder.layers", "attn"),
+        RecordedTower("text", "clip.encoder.layers", "self_attn"),
+    )
+
     modules_to_save = ("feature_enhancement", "mutual_attention", "mask_decoder")
     training_stages = TRAINING_STAGES
     backbone_attributes = {"sam": "sam", "clip": "clip"}
@@ -177,14 +185,14 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
             getattr(self, name).requires_grad_(True)
 
     # ----------------------------------------------------------------- the encoders alone
-    def get_image_features(self, pixel_values: torch.Tensor) -> tuple:
+    def get_visual_levels(self, pixel_values: torch.Tensor) -> tuple:
         """SAM's image encoder alone: `pixel_values` (U, 3, S, S) -> (F_v1, F_v2, F_v3), the outputs of the
         blocks `config.feature_layers`, each (U, h, w, C_sam)."""
         with _encoder_context(self.sam):
             hidden = self.sam(pixel_values=pixel_values.to(self.sam.dtype), output_hidden_states=True).hidden_states
         return tuple(hidden[i + 1] for i in self.config.feature_layers)  # hidden[0]: the patch embeddings
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def get_word_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """CLIP's text tower alone: -> F_l (B, T, C_t), the final-LN hidden states."""
         with _encoder_context(self.clip):
             return self.clip(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -194,9 +202,9 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
         row when `config.share_image_encoding`: (B, C, h, w)."""
         if self.config.share_image_encoding and pixel_values.shape[0] > 1:
             representatives, inverse = unique_rows(pixel_values)
-            visual = self.feature_enhancement(*self.get_image_features(pixel_values[representatives]))
+            visual = self.feature_enhancement(*self.get_visual_levels(pixel_values[representatives]))
             return visual[inverse] if len(representatives) < pixel_values.shape[0] else visual
-        return self.feature_enhancement(*self.get_image_features(pixel_values))
+        return self.feature_enhancement(*self.get_visual_levels(pixel_values))
 
     # ----------------------------------------------------------------- forward
     def _check_inputs(self, pixel_values, input_ids, attention_mask, kwargs):
@@ -209,6 +217,7 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
         check_text_inputs(input_ids, attention_mask, pixel_values.shape[0],
                           self.config.clip_config.text_config.max_position_embeddings)
 
+    @referring_forward
     def forward(
         self,
         pixel_values: torch.FloatTensor,
@@ -244,7 +253,7 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
         grid = tuple(visual.shape[-2:])
         visual = visual.flatten(2).transpose(1, 2)  # (B, h*w, C)
         # 2. CLIP text: F_l (B, T, C_t)
-        words = self.get_text_features(input_ids, attention_mask).to(visual.dtype)
+        words = self.get_word_features(input_ids, attention_mask).to(visual.dtype)
         # 3. Mutual-Aware Attention (eqs. 3-5): F_lav (B, h*w, C), F_val (B, T, C)
         for block in self.mutual_attention:
             visual, words = block(visual, words, word_mask)

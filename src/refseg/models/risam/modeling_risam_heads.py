@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...modeling_utils import sine_positions_1d
 
@@ -92,7 +93,7 @@ def relevance_masks(scores: torch.Tensor, word_mask: torch.Tensor, threshold: Op
     return vision, language
 
 
-class RisamMutualAwareAttention(nn.Module):
+class RisamMutualAwareAttention(GradientCheckpointingLayer):
     """One Mutual-Aware Attention block (eqs. 3-5).
 
     Z_v = F_v W_v, Z_l = F_l W_l; s = Z_v Z_l^T / sqrt(C); relevance mask of eq. 4 (`relevance_masks`).
@@ -152,7 +153,7 @@ class RisamAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
-class RisamDecoderLayer(nn.Module):
+class RisamDecoderLayer(GradientCheckpointingLayer):
     """One Mutual-Aware Mask Decoder block (eqs. 6-9).
 
     eq. 6: F^_lav = MHSA(F_lav) + F_lav;  eq. 8: F^_c = MHSA([F_m, F_val]) + [F_m, F_val];

@@ -22,13 +22,14 @@ _NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).paramet
 
 from ...adapters.config import CLIP_ENCODER_LAYERS, BottleneckAdapterConfig
 from ...adapters.fusion import PostFusionLayer, PreFusionAdapter
-from ...adapters.initialization import initialize_weights_with_adapters, reset_adapter_module
 from ...adapters.injection import adapter_parameters, inject_adapter
 from ...adapters.layers import encoder_layer_forward
 from ...adapters.model_mixin import AdaptedModelMixin
 from ...losses import dice_loss, sigmoid_focal_loss
 from ...modeling_outputs import ReferringSegmentationOutput
-from ...modeling_utils import ReferringSegmentationPreTrainedModel, unique_rows
+from ...modeling_utils import (
+    RecordedTower, ReferringSegmentationPreTrainedModel, check_required_inputs, referring_forward, unique_rows,
+)
 from .configuration_risclip import TRAINING_STAGES, RisclipConfig
 from .modeling_risclip_heads import RisclipLocator, RisclipRefiner
 
@@ -63,17 +64,12 @@ class RisclipPreTrainedModel(ReferringSegmentationPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        if reset_adapter_module(module):  # adapters, fusion blocks, LoRA: their own initial values
-            return
         if isinstance(module, RisclipLocator):
             module.reset_parameters()
         elif isinstance(module, RisclipRefiner):  # visited after its convs: their generic init is overridden
             module.reset_projections(self.config.initializer_range)
-        else:
+        else:  # adapters, fusion blocks and LoRA get their own initial values there
             super()._init_weights(module)
-
-    def initialize_weights(self):
-        initialize_weights_with_adapters(self)
 
 
 class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
@@ -110,6 +106,12 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
     >>> masks = processor.post_process_referring_segmentation(model(**inputs), original_sizes)
     ```
     """
+
+    # backbone towers whose per-layer outputs `output_hidden_states` / `output_attentions` return
+    _recorded_towers = (
+        RecordedTower("vision", "clip.vision_model.encoder.layers", "self_attn"),
+        RecordedTower("text", "clip.text_model.encoder.layers", "self_attn"),
+    )
 
     modules_to_save = ("pre_fusion", "post_fusion", "locator", "refiner")
     training_stages = TRAINING_STAGES
@@ -281,6 +283,7 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
             h_t = run_text(n_t - n_fused + p, h_t)
         return h_v, h_t, features
 
+    @referring_forward
     def forward(
         self,
         pixel_values: torch.FloatTensor,
@@ -306,10 +309,7 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
             upsampled `coarse_logits`), `coarse_logits` (B, h, w) the Locator's map,
             `image_embeds` (B, h*w, D) fused patch tokens, `text_embeds` (B, D) fused [EOS] tokens.
         """
-        if kwargs:
-            raise ValueError(f"unexpected inputs {sorted(kwargs)} (pop `original_sizes` from the processor output)")
-        if pixel_values is None or input_ids is None:
-            raise ValueError("`pixel_values` and `input_ids` are required (one expression per image row)")
+        check_required_inputs(pixel_values, input_ids, kwargs)
         if pixel_values.dim() != 4:
             raise ValueError(f"`pixel_values` must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}")
         batch, _, height, width = pixel_values.shape
