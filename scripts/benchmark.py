@@ -79,6 +79,8 @@ def parse_args(argv=None):
                         "inference forward is timed with hooks; a ModuleList counts as the sum of its members")
     p.add_argument("--optimizer_implementations", default="for-loop,auto",
                    help="comma-separated AdamW implementations to time (refseg.training.optim.IMPLEMENTATIONS)")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="also time each stage's training step, and its peak memory, with gradient checkpointing on")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p.parse_args(argv)
@@ -183,6 +185,11 @@ def peak_extra_memory_mib(fn):
     return (after[1] - before[0]) / 1024
 
 
+def _ratio(a, b):
+    """a / b, or None where either is unknown (peak memory off Linux) or b is 0."""
+    return a / b if a is not None and b else None
+
+
 def timed(fn, steps, warmup=3):
     for _ in range(warmup):
         fn()
@@ -272,6 +279,14 @@ def main(argv=None):
 
         one_step()  # the optimizer state exists before the measured step
         results[f"train_step_extra_memory_mib[{stage}]"] = peak_extra_memory_mib(one_step)
+        if args.gradient_checkpointing:  # the same step, activations recomputed in backward
+            model.gradient_checkpointing_enable()
+            results[f"train_step_extra_memory_mib[{stage}, checkpointed]"] = peak_extra_memory_mib(one_step)
+            results[f"train_step_s[{stage}, checkpointed]"] = timed(one_step, args.steps, args.warmup)
+            model.gradient_checkpointing_disable()
+            results[f"ratio train_step_extra_memory[{stage}, checkpointed]/[{stage}]"] = _ratio(
+                results[f"train_step_extra_memory_mib[{stage}, checkpointed]"],
+                results[f"train_step_extra_memory_mib[{stage}]"])
         model.load_state_dict(state)
     if not args.skip_inference:
         model.eval()

@@ -148,3 +148,19 @@ def test_benchmark_times_one_chosen_stage_without_inference(tiny_backbones):
     assert not any(key.startswith(("inference", "share", "ratio 8")) for key in result)
     with pytest.raises(ValueError, match="stages"):
         benchmark.main(["--clip", str(tiny_backbones["clip"]), "--stages", "decoder"])
+
+
+@pytest.mark.parametrize("preset", ["risam-tiny", "cris-tiny"])
+def test_benchmark_reports_the_training_step_with_and_without_gradient_checkpointing(tiny_backbones, preset):
+    spec = benchmark.get_method(benchmark.PRESETS[preset].method)
+    size = [] if preset == "risam-tiny" else ["--image_size", "64"]
+    backbones = [arg for name in spec.backbones for arg in (f"--{name}", str(tiny_backbones[name]))]
+    result = benchmark.main(["--preset", preset, *backbones, *size, "--batch_size", "2", "--steps", "1",
+                             "--warmup", "0", "--skip_inference", "--optimizer_implementations", "auto",
+                             "--gradient_checkpointing"])
+    for stage in spec.stages:
+        assert result[f"train_step_s[{stage}, checkpointed]"] > 0
+        if result[f"train_step_extra_memory_mib[{stage}]"] is not None:  # Linux
+            assert result[f"train_step_extra_memory_mib[{stage}, checkpointed]"] > 0
+            assert result[f"ratio train_step_extra_memory[{stage}, checkpointed]/[{stage}]"] == pytest.approx(
+                result[f"train_step_extra_memory_mib[{stage}, checkpointed]"] / result[f"train_step_extra_memory_mib[{stage}]"])

@@ -75,7 +75,7 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
     >>> model = CrisModel.from_backbones(clip="openai/clip-vit-base-patch16")   # 416 px, 26x26 tokens
     >>> processor = CrisProcessor.from_backbones(clip="openai/clip-vit-base-patch16")
     >>> inputs = processor(images=image, text=["the giraffe looking up", "the tree"], return_tensors="pt")
-    >>> original_sizes = inputs.pop("original_sizes")
+    >>> original_sizes = inputs["original_sizes"]  # model(**inputs) accepts it too
     >>> masks = processor.post_process_referring_segmentation(model(**inputs), original_sizes)  # threshold 0.35
     ```
     """

@@ -148,7 +148,7 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
     >>> model = PromptRisModel.from_backbones(clip="openai/clip-vit-base-patch16", sam="facebook/sam-vit-base")
     >>> processor = PromptRisProcessor.from_backbones(clip="openai/clip-vit-base-patch16", sam="facebook/sam-vit-base")
     >>> inputs = processor(images=image, text=["the giraffe looking up", "the tree"], return_tensors="pt")
-    >>> original_sizes = inputs.pop("original_sizes")
+    >>> original_sizes = inputs["original_sizes"]  # model(**inputs) accepts it too
     >>> masks = processor.post_process_referring_segmentation(model(**inputs), original_sizes)  # threshold 0.5
     ```
     """

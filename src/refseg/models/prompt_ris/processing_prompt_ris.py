@@ -58,7 +58,7 @@ class PromptRisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
     ```python
     >>> processor = PromptRisProcessor.from_backbones(clip="openai/clip-vit-base-patch16", sam="facebook/sam-vit-base")
     >>> inputs = processor(images=image, text=["the red circle", "the square on the left"], return_tensors="pt")
-    >>> original_sizes = inputs.pop("original_sizes")
+    >>> original_sizes = inputs["original_sizes"]  # model(**inputs) accepts it too
     >>> masks = processor.post_process_referring_segmentation(model(**inputs), original_sizes)
     ```
     """

@@ -99,7 +99,7 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
     >>> model = RisamModel.from_backbones(sam="facebook/sam-vit-huge", clip="openai/clip-vit-base-patch16")
     >>> processor = RisamProcessor.from_backbones(sam="facebook/sam-vit-huge", clip="openai/clip-vit-base-patch16")
     >>> inputs = processor(images=image, text=["the giraffe looking up", "the tree"], return_tensors="pt")
-    >>> original_sizes = inputs.pop("original_sizes")
+    >>> original_sizes = inputs["original_sizes"]  # model(**inputs) accepts it too
     >>> masks = processor.post_process_referring_segmentation(model(**inputs), original_sizes)  # threshold 0.35
     ```
     """

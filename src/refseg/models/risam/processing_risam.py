@@ -42,7 +42,7 @@ class RisamProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
     ```python
     >>> processor = RisamProcessor.from_backbones(sam="facebook/sam-vit-huge", clip="openai/clip-vit-base-patch16")
     >>> inputs = processor(images=image, text=["the red circle", "the square on the left"], return_tensors="pt")
-    >>> original_sizes = inputs.pop("original_sizes")
+    >>> original_sizes = inputs["original_sizes"]  # model(**inputs) accepts it too
     >>> masks = processor.post_process_referring_segmentation(model(**inputs), original_sizes)
     ```
     """

@@ -102,7 +102,7 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
     >>> model = RisclipModel.from_backbones(clip="openai/clip-vit-base-patch16")   # 640 px, 40x40 tokens
     >>> processor = RisclipProcessor.from_backbones(clip="openai/clip-vit-base-patch16")
     >>> inputs = processor(images=image, text=["the giraffe looking up"], return_tensors="pt")
-    >>> original_sizes = inputs.pop("original_sizes")
+    >>> original_sizes = inputs["original_sizes"]  # model(**inputs) accepts it too
     >>> masks = processor.post_process_referring_segmentation(model(**inputs), original_sizes)
     ```
     """

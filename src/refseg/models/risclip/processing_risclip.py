@@ -32,7 +32,7 @@ class RisclipProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
     ```python
     >>> processor = RisclipProcessor.from_backbones(clip="openai/clip-vit-base-patch16")  # 640 px
     >>> inputs = processor(images=image, text=["the red circle", "the square on the left"], return_tensors="pt")
-    >>> original_sizes = inputs.pop("original_sizes")
+    >>> original_sizes = inputs["original_sizes"]  # model(**inputs) accepts it too
     >>> masks = processor.post_process_referring_segmentation(model(**inputs), original_sizes)
     ```
     """
