@@ -5,12 +5,14 @@
 - `load_refer_parquet(path_or_files, image_root, split=None)`: `jxu124/refcoco`-style parquet.
 - `load_refer_mixture(root, [(dataset, split_by), ...], split)`: several datasets' train splits together,
   without the images of their held-out splits (Prompt-RIS's and RISCLIP's combined training).
+- `load_grefer(root, "grefcoco", "unc", split)`: gRefCOCO (no-target and multi-target expressions).
 - `explode_sentences(ds)`: one row per sentence (evaluation scores every sentence).
 - `make_refshapes(root, num_images, seed)`: the procedural RefShapes dataset.
 - `RandomAffineSaturation`: joint image/mask training augmentation.
 """
 
 from .augment import AffineParams, RandomAffineSaturation
+from .grefer import GREFER_FEATURES, load_grefer
 from .parquet import load_refer_parquet
 from .masks import decode_segmentation
 from .mixture import held_out_image_ids, load_refer_mixture
@@ -22,6 +24,7 @@ from .unpickle import RestrictedUnpickler, load_refs_pickle, restricted_loads
 
 __all__ = [
     "AffineParams",
+    "GREFER_FEATURES",
     "REFER_FEATURES",
     "RandomAffineSaturation",
     "RestrictedUnpickler",
@@ -31,6 +34,7 @@ __all__ = [
     "held_out_image_ids",
     "expression_corpus",
     "expression_kind",
+    "load_grefer",
     "load_refer",
     "load_refer_mixture",
     "load_refer_parquet",
