@@ -25,6 +25,26 @@ Two conventions differ between public codebases; both are options (`summarize_co
   differ only for an IoU exactly on a threshold, e.g. I = 1, U = 2 at X = 0.5. The comparison is
   exact in integers: `I * den > num * U` (or `>=`) with X = num / den as a decimal fraction.
 
+Generalized referring segmentation (gRefCOCO: an expression may name no object, or several) is
+`ReferringIoU(generalized=True)` / `summarize_generalized_counts`. A sample has "no target" when its
+reference mask is empty, and a prediction says "no target" when its mask is empty. Per sample, with
+P_i = |prediction| and G_i = |reference|:
+
+- gIoU = mean_i IoU_i, where IoU_i = I_i / U_i for a target sample (G_i > 0) and, for a no-target
+  sample, 1 if P_i = 0 else 0;
+- cIoU = sum_i I_i / sum_i U_i over every sample (a no-target sample predicted non-empty adds P_i to
+  the unions; one predicted empty adds nothing);
+- N-acc = #{no target, P_i = 0} / #{no target}; T-acc = #{target, P_i > 0} / #{target};
+- precision@X over the target samples only.
+
+These are GSVA's definitions (`accuracy_convention="gsva"`, the default). ReLA's released evaluation
+(GRES, CVPR 2023) differs in the two accuracies: with TP = #{no target, P_i = 0}, FN = #{no target,
+P_i > 0} and FP = #{target, P_i = 0}, it reports N-acc = TP / (TP + FN + 1) and "T-acc" =
+TP / (TP + FP + 1) (a precision of the no-target predictions, each denominator plus one), and both 0
+when the split has no no-target sample; `accuracy_convention="rela"` reproduces that. For example,
+3 no-target samples of which 2 are predicted empty, and 5 target samples of which 1 is predicted
+empty: GSVA N-acc = 2/3, T-acc = 4/5; ReLA N-acc = 2/4, T-acc = 2/4.
+
 Predictions and references are boolean masks (h, w); non-boolean arrays count non-zero as
 foreground (threshold probabilities before passing them). Inside the metric each mask is stored
 bit-packed (`np.packbits`), so variable mask sizes cost one bit per pixel in evaluate's cache and
@@ -115,6 +135,63 @@ def intersection_union(predictions, references) -> np.ndarray:
     return np.asarray(counts, dtype=np.int64).reshape(-1, 2)
 
 
+def generalized_counts(predictions, references) -> np.ndarray:
+    """Per-sample integer (intersection, union, predicted area, reference area), shape `(N, 4)`, int64."""
+    pairs = _paired_masks(predictions, references)
+    counts = [(np.count_nonzero(pred & ref), np.count_nonzero(pred | ref), np.count_nonzero(pred),
+               np.count_nonzero(ref)) for pred, ref in pairs]
+    return np.asarray(counts, dtype=np.int64).reshape(-1, 4)
+
+
+ACCURACY_CONVENTIONS = ("gsva", "rela")
+
+
+def summarize_generalized_counts(counts, thresholds=DEFAULT_THRESHOLDS, *, precision_comparison=">",
+                                 accuracy_convention="gsva") -> dict:
+    """gIoU, cIoU, N-acc, T-acc, precision@X (target samples only) and the sample counts from `(N, 4)`
+    (intersection, union, predicted area, reference area) counts (module docstring). An accuracy over no
+    sample (no no-target sample: N-acc; no target sample: T-acc) is None with `accuracy_convention="gsva"`
+    and 0 with `"rela"` (ReLA's code)."""
+    if not isinstance(precision_comparison, str) or precision_comparison not in PRECISION_COMPARISONS:
+        _check_conventions(precision_comparison, 1)
+    if accuracy_convention not in ACCURACY_CONVENTIONS:
+        raise ValueError(f"`accuracy_convention` must be 'gsva' (the default) or 'rela' (ReLA's released code), "
+                         f"got {accuracy_convention!r}")
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.ndim != 2 or counts.shape[1] != 4 or counts.shape[0] == 0:
+        raise ValueError("`counts` must be a non-empty (N, 4) array of (intersection, union, predicted area, "
+                         f"reference area), got shape {counts.shape}")
+    if any(not 0.0 <= float(threshold) < 1.0 for threshold in thresholds):
+        raise ValueError(f"`thresholds` must lie in [0, 1), got {tuple(thresholds)}")
+    inter, union, predicted, reference = counts.T
+    if ((inter < 0) | (inter > np.minimum(predicted, reference)) | (union != predicted + reference - inter)).any():
+        raise ValueError("`counts` must satisfy 0 <= I <= min(P, G) and U = P + G - I for every sample")
+    target, empty_prediction = reference > 0, predicted == 0
+    iou = np.where(target, inter / np.maximum(union, 1), empty_prediction.astype(float))
+    total_union = int(union.sum())
+    results = {"gIoU": float(iou.mean()), "cIoU": float(inter.sum() / total_union) if total_union else 1.0}
+    tp = int((~target & empty_prediction).sum())  # no target, predicted empty
+    fn = int((~target & ~empty_prediction).sum())  # no target, predicted a mask
+    fp = int((target & empty_prediction).sum())  # a target, predicted empty
+    hits = int((target & ~empty_prediction).sum())
+    if accuracy_convention == "gsva":
+        results["N-acc"] = tp / (tp + fn) if tp + fn else None
+        results["T-acc"] = hits / (hits + fp) if hits + fp else None
+    else:
+        no_target = tp + fn > 0
+        results["N-acc"] = tp / (tp + fn + 1) if no_target else 0.0
+        results["T-acc"] = tp / (tp + fp + 1) if no_target else 0.0
+    inclusive = precision_comparison == ">="
+    for threshold in thresholds:
+        fraction = Fraction(str(threshold))
+        scaled_inter, scaled_threshold = inter * fraction.denominator, fraction.numerator * union
+        passed = (scaled_inter >= scaled_threshold) if inclusive else (scaled_inter > scaled_threshold)
+        results[f"precision@{threshold:g}"] = float(passed[target].mean()) if target.any() else None
+    results["num_samples"] = int(counts.shape[0])
+    results["num_no_target"] = int((~target).sum())
+    return results
+
+
 def _check_conventions(precision_comparison=">", empty_iou=1) -> None:
     """Raise a `ValueError` naming the argument if a convention is not one of the supported values."""
     if not isinstance(precision_comparison, str) or precision_comparison not in PRECISION_COMPARISONS:
@@ -185,10 +262,15 @@ class ReferringIoU(evaluate.Metric):
     `evaluate.load(<module path>, precision_comparison=">=")`.
     """
 
-    def __init__(self, config_name=None, *, precision_comparison=">", empty_iou=1, **kwargs):
+    def __init__(self, config_name=None, *, precision_comparison=">", empty_iou=1, generalized=False,
+                 accuracy_convention="gsva", **kwargs):
         _check_conventions(precision_comparison, empty_iou)
+        if accuracy_convention not in ACCURACY_CONVENTIONS:
+            raise ValueError(f"`accuracy_convention` must be 'gsva' or 'rela', got {accuracy_convention!r}")
         self.precision_comparison = precision_comparison
         self.empty_iou = empty_iou
+        self.generalized = bool(generalized)
+        self.accuracy_convention = accuracy_convention
         super().__init__(config_name, **kwargs)
 
     def _info(self):
@@ -217,16 +299,23 @@ class ReferringIoU(evaluate.Metric):
         return self.add_batch(predictions=[prediction], references=[reference], **kwargs)
 
     def _compute(self, predictions, references, thresholds=DEFAULT_THRESHOLDS, precision_comparison=None,
-                 empty_iou=None):
-        counts = np.empty((len(predictions), 2), dtype=np.int64)
+                 empty_iou=None, accuracy_convention=None):
+        counts = np.empty((len(predictions), 4), dtype=np.int64)
         for index, (pred, ref) in enumerate(zip(predictions, references)):
             pred = np.frombuffer(pred, dtype=np.uint8)
             ref = np.frombuffer(ref, dtype=np.uint8)
-            # packbits pads with zeros, which add to neither the intersection nor the union
-            counts[index] = (_POPCOUNT[pred & ref].sum(), _POPCOUNT[pred | ref].sum())
+            # packbits pads with zeros, which add to no count
+            counts[index] = (_POPCOUNT[pred & ref].sum(), _POPCOUNT[pred | ref].sum(), _POPCOUNT[pred].sum(),
+                             _POPCOUNT[ref].sum())
+        comparison = self.precision_comparison if precision_comparison is None else precision_comparison
+        if self.generalized:
+            return summarize_generalized_counts(
+                counts, thresholds, precision_comparison=comparison,
+                accuracy_convention=self.accuracy_convention if accuracy_convention is None else accuracy_convention)
+        counts = counts[:, :2]
         return summarize_counts(
             counts,
             thresholds,
-            precision_comparison=self.precision_comparison if precision_comparison is None else precision_comparison,
+            precision_comparison=comparison,
             empty_iou=self.empty_iou if empty_iou is None else empty_iou,
         )
