@@ -59,6 +59,7 @@ from .refshapes_lang import (
     SHAPES, SIZE_WORDS, UNSEEN_PAIRS, LogicalForm, NounPhrase, Scene, SceneObject, expression_kind, parse_expression,
     resolve_expression, surface_forms,
 )
+from .refshapes_general import DEFAULT_MULTI_TARGET_SHARE, DEFAULT_NO_TARGET_SHARE, check_shares, extra_refs
 from .refshapes_scene import DrawnObject, background, compose, mask_bbox, place_objects
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,12 @@ def _referent_ok(split: str, color: str, shape: str) -> bool:
     if split == "testB":
         return shape in ANGULAR_SHAPES
     return True
+
+
+def _split_pairs(split: str) -> list[tuple[str, str]]:
+    """The colour-shape pairs a split's referents may be (no-target expressions name only these)."""
+    pool = UNSEEN_PAIRS if split == "unseen" else SEEN_PAIRS
+    return [p for p in pool if _referent_ok(split, *p)]
 
 
 def _scene_pairs(rng: np.random.Generator, split: str) -> list[tuple[str, str]]:
@@ -225,6 +232,9 @@ def make_refshapes(
     min_size: int = 112,
     max_size: int = 176,
     fractions: Mapping[str, float] | None = None,
+    generalized: bool = False,
+    multi_target_share: float = DEFAULT_MULTI_TARGET_SHARE,
+    no_target_share: float = DEFAULT_NO_TARGET_SHARE,
 ) -> dict[str, Any]:
     """Generate RefShapes under `root` in the refer format (see the module docstring).
 
@@ -234,10 +244,17 @@ def make_refshapes(
         seed: random seed; the same seed gives byte-identical files.
         min_size, max_size: range of image width and height in pixels (each drawn independently).
         fractions: share of images for "val", "testA", "testB", "unseen" (train gets the rest).
+        generalized: also write `<root>/grefshapes/` in gRefCOCO's format, with multi-target and no-target
+            refs besides the single-target ones (`refseg.data.refshapes_general`); `refshapes/` and the
+            images stay byte-identical to those of `generalized=False`.
+        multi_target_share, no_target_share: with `generalized`, the shares of multi-target and no-target
+            refs drawn among all refs of `grefshapes/`; fewer multi-target ones land (scenes without a plural
+            phrase), so the defaults 0.5 / 0.08 give about gRefCOCO's 29 % and 11.5 %.
 
     Returns:
         Summary dict: `root`, `num_images`, `num_refs`, `num_sentences`, `splits`
-        ({split: {"images", "refs", "sentences"}}) and `kinds` (sentences per expression kind).
+        ({split: {"images", "refs", "sentences"}}) and `kinds` (sentences per expression kind); with
+        `generalized`, also `generalized` ({split: {"refs", "multi_target", "no_target"}}).
     """
     if not isinstance(num_images, int) or num_images < 5:
         raise ValueError(f"num_images: expected an int >= 5, got {num_images!r}")
@@ -245,6 +262,8 @@ def make_refshapes(
         raise ValueError(
             f"min_size/max_size: expected ints with 64 <= min_size <= max_size, got {min_size}, {max_size}"
         )
+    if generalized:
+        check_shares(multi_target_share, no_target_share)
     counts = split_counts(num_images, fractions)
     labels = np.array([s for s in SPLITS for _ in range(counts[s])])
     labels = labels[np.random.default_rng([seed, 0]).permutation(num_images)]
@@ -256,6 +275,8 @@ def make_refshapes(
     ann_id, sent_id = 1, 0
     stats = {s: Counter() for s in SPLITS}
     kinds: Counter = Counter()
+    grefs: list[dict[str, Any]] = []
+    general_stats = {s: Counter() for s in SPLITS}
     for image_id in range(1, num_images + 1):
         split = str(labels[image_id - 1])
         item = _generate_image(seed, image_id, split, min_size, max_size)
@@ -280,6 +301,24 @@ def make_refshapes(
             sent_id += len(sents)
             stats[split].update(refs=1, sentences=len(sents))
         stats[split].update(images=1)
+        if generalized:
+            objects = item["scene"].objects
+            extras = extra_refs(seed, image_id, objects, len(item["refs"]),
+                                lambda o, split=split: _referent_ok(split, o.color, o.shape), _split_pairs(split),
+                                multi_target_share, no_target_share)
+            for indices, sentences in [([k], s) for k, s in item["refs"]] + extras:
+                first_sent = sum(len(r["sentences"]) for r in grefs)
+                grefs.append({
+                    "ref_id": len(grefs), "image_id": image_id, "split": split,
+                    "ann_id": [first_ann + k for k in indices] or [-1],
+                    "category_id": [_CATEGORY_ID[objects[k].shape] for k in indices] or [-1],
+                    "no_target": not indices,
+                    "sent_ids": list(range(first_sent, first_sent + len(sentences))),
+                    "sentences": [{"sent_id": first_sent + j, "sent": t, "raw": t, "tokens": t.split()}
+                                  for j, t in enumerate(sentences)],
+                    "file_name": f"refshapes_{image_id:06d}.png",
+                })
+                general_stats[split].update(refs=1, multi_target=len(indices) > 1, no_target=not indices)
 
     instances = {
         "info": {"description": "RefShapes (refseg)", "seed": seed, "unseen_pairs": [list(p) for p in UNSEEN_PAIRS],
@@ -293,6 +332,12 @@ def make_refshapes(
         "splits": {s: {key: int(stats[s][key]) for key in ("images", "refs", "sentences")} for s in SPLITS},
         "kinds": {k: int(kinds[k]) for k in KINDS},
     }
+    if generalized:
+        (root / "grefshapes").mkdir(parents=True, exist_ok=True)
+        (root / "grefshapes" / "instances.json").write_text((root / "refshapes" / "instances.json").read_text())
+        (root / "grefshapes" / "grefs(unc).json").write_text(json.dumps(grefs, sort_keys=True, separators=(",", ":")))
+        summary["generalized"] = {s: {key: int(general_stats[s][key]) for key in ("refs", "multi_target", "no_target")}
+                                  for s in SPLITS}
     logger.info("RefShapes written to %s: %s", root, summary)
     return summary
 
