@@ -142,13 +142,11 @@ def test_converted_clip_embeds_images_and_texts_as_open_clip_does(converted):
     assert (config.text_config.hidden_size, config.text_config.max_position_embeddings) == (T_WIDTH, CONTEXT)
     assert config.projection_dim == EMBED
     pixels, ids, mask = _inputs(tokenizer_dir)
-    with torch.no_grad():
+    with torch.no_grad():  # the weights were saved in float32: the comparison is in float64 from there
         image = model.get_image_features(pixel_values=pixels).pooler_output
         text = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
     torch.testing.assert_close(image, open_clip_encode_image(state, pixels), rtol=0, atol=1e-5)
     torch.testing.assert_close(text, open_clip_encode_text(state, ids), rtol=0, atol=1e-5)
-    # float32 weights saved, float64 here: agreement well inside 1e-5 means the mapping, not luck
-    assert (image - open_clip_encode_image(state, pixels)).abs().max() < 1e-5
     torch.testing.assert_close(model.logit_scale, state["logit_scale"], rtol=0, atol=1e-6)
 
 
