@@ -196,8 +196,7 @@ def test_the_paper_preset_is_what_the_conversion_of_vit_b_16_plus_240_gives():
     """`risclip-b-paper` is built offline from architecture numbers; the converter, reading a state dict of
     ViT-B-16-plus-240's shapes (on the meta device: nothing allocated), must arrive at the same towers."""
     sizes = (896, 12, 16, 15, 640, 12, 77, 640)  # OpenCLIP's ViT-B-16-plus-240.json: 240 px = 15 x 16
-    inferred = convert_open_clip.clip_config_from_state_dict(open_clip_state_dict(49408, device="meta", sizes=sizes),
-                                                             bos_token_id=49406, eos_token_id=49407)
+    inferred = convert_open_clip.clip_config_from_state_dict(open_clip_state_dict(49408, device="meta", sizes=sizes))
     preset = get_config("risclip-b-paper")
     assert PRESETS["risclip-b-paper"].backbones == {}  # a local folder written by the converter
     assert (preset.image_size, preset.grid_size) == (640, 40)
@@ -208,5 +207,7 @@ def test_the_paper_preset_is_what_the_conversion_of_vit_b_16_plus_240_gives():
             assert getattr(ours, key) == getattr(theirs, key), (tower, key)
     assert (preset.clip_config.vision_config.image_size, preset.clip_config.vision_config.patch_size) == (240, 16)
     assert (preset.clip_config.vision_config.num_attention_heads, preset.clip_config.text_config.num_attention_heads) == (14, 10)
+    # no tokenizer given: [SOS]/[EOS] are the last two ids of CLIP's vocabulary, as in OpenAI's and OpenCLIP's
     assert preset.clip_config.text_config.eos_token_id == inferred.text_config.eos_token_id == 49407
+    assert preset.clip_config.text_config.bos_token_id == inferred.text_config.bos_token_id == 49406
     assert preset.clip_config.projection_dim == inferred.projection_dim == 640
