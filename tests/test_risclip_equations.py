@@ -175,10 +175,11 @@ def post_fusion(p, name, v, t, text_keys):
     v_n, t_n = norm(v, "self_vision"), norm(t, "self_text")
     v = v + scale(attention(p, name + ".vision_self_attn", v_n, v_n), "self_vision")
     t = t + scale(attention(p, name + ".text_self_attn", t_n, t_n, text_keys), "self_text")
-    for x_name, branch, mlp in (("v", "mlp_vision", "vision_mlp"), ("t", "mlp_text", "text_mlp")):
-        x = v if x_name == "v" else t
-        x = x + scale(linear(gelu(linear(norm(x, branch), p, f"{name}.{mlp}.fc1")), p, f"{name}.{mlp}.fc2"), branch)
-        v, t = (x, t) if x_name == "v" else (v, x)
+    def mlp(x, module):
+        return linear(gelu(linear(x, p, f"{name}.{module}.fc1")), p, f"{name}.{module}.fc2")
+
+    v = v + scale(mlp(norm(v, "mlp_vision"), "vision_mlp"), "mlp_vision")
+    t = t + scale(mlp(norm(t, "mlp_text"), "text_mlp"), "mlp_text")
     return v, t
 
 
