@@ -29,6 +29,11 @@ def test_risclip_presets_describe_the_paper_models():
         assert config.adapter_layers is None and config.refiner_feature_layers == [4, 3, 2, 1]
         assert (config.dice_loss_weight, config.focal_loss_weight, config.focal_alpha) == (1.0, 1.75, 0.65)
     assert PRESETS["risclip-b"].backbones["clip"] == "openai/clip-vit-base-patch16"
+    paper_b = get_config("risclip-b-paper")  # OpenCLIP ViT-B-16-plus-240, the paper's RISCLIP-B backbone
+    assert (paper_b.image_size, paper_b.patch_size, paper_b.grid_size) == (640, 16, 40)
+    assert paper_b.clip_config.vision_config.hidden_size == 896 and paper_b.clip_config.projection_dim == 640
+    assert paper_b.clip_config.vision_config.hidden_act == paper_b.clip_config.text_config.hidden_act == "gelu"
+    assert (paper_b.num_pre_fusion_layers, paper_b.num_post_fusion_layers, paper_b.refiner_feature_layers) == (6, 6, [4, 3, 2, 1])
     assert all(p.method == "risclip" for n, p in PRESETS.items() if n.startswith("risclip"))
 
 
@@ -47,7 +52,7 @@ def test_presets_are_read_only():
     assert isinstance(preset, Preset) and preset.description
 
 
-@pytest.mark.parametrize("name", ["risclip-b", "risclip-l"])
+@pytest.mark.parametrize("name", ["risclip-b", "risclip-b-paper", "risclip-l"])
 def test_paper_scale_models_instantiate_on_the_meta_device(name):
     config = get_config(name)
     with torch.device("meta"):

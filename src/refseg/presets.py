@@ -13,6 +13,7 @@ Adding a method's presets: write its backbone-config builders (or reuse the CLIP
 | preset | backbone | input | grid |
 | --- | --- | --- | --- |
 | `risclip-b` | CLIP ViT-B/16 (`openai/clip-vit-base-patch16`) | 640 | 40x40 |
+| `risclip-b-paper` | OpenCLIP ViT-B-16-plus-240 (LAION-400M, the paper's), a folder from `scripts/convert_open_clip.py` | 640 | 40x40 |
 | `risclip-l` | CLIP ViT-L/14 at 336 (`openai/clip-vit-large-patch14-336`) | 560 | 40x40 |
 | `risclip-tiny` | `refseg.backbones.tiny_clip_config()` (a folder from `save_tiny_backbones`) | 64 | 8x8 |
 | `cris-b` | CLIP ViT-B/16 (`openai/clip-vit-base-patch16`), fine-tuned | 416 | 26x26 |
@@ -42,6 +43,19 @@ def clip_vit_b16_config() -> CLIPConfig:
         vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                            image_size=224, patch_size=16, projection_dim=512),
         projection_dim=512,
+    )
+
+
+def clip_vit_b16_plus_240_config() -> CLIPConfig:
+    """OpenCLIP `ViT-B-16-plus-240` (LAION-400M; converted by `scripts/convert_open_clip.py`): ViT-B/16 at 240
+    (896 wide, 12 layers, 14 heads) and a 12-layer, 640-wide text transformer (10 heads); joint space 640; GELU
+    (not OpenAI's QuickGELU)."""
+    return CLIPConfig(
+        text_config=dict(hidden_size=640, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=10,
+                         max_position_embeddings=77, vocab_size=49408, projection_dim=640, hidden_act="gelu"),
+        vision_config=dict(hidden_size=896, intermediate_size=3584, num_hidden_layers=12, num_attention_heads=14,
+                           image_size=240, patch_size=16, projection_dim=640, hidden_act="gelu"),
+        projection_dim=640,
     )
 
 
@@ -119,6 +133,14 @@ PRESETS: dict = {
         description="RISCLIP-B: frozen CLIP ViT-B/16 at 640 px (40x40 tokens), adapters in all 12+12 layers, "
         "6 PreFusion, 6 PostFusion",
         backbone_configs=lambda: {"clip_config": clip_vit_b16_config()},
+    ),
+    "risclip-b-paper": Preset(
+        method="risclip",
+        backbones={},  # no transformers checkpoint: convert OpenCLIP's weights, then pass the folder as `clip`
+        config_overrides={"image_size": 640},
+        description="RISCLIP-B on the paper's backbone: frozen OpenCLIP ViT-B-16-plus-240 (LAION-400M, 896 wide) at "
+        "640 px (40x40 tokens), adapters in all 12+12 layers, 6 PreFusion, 6 PostFusion",
+        backbone_configs=lambda: {"clip_config": clip_vit_b16_plus_240_config()},
     ),
     "risclip-l": Preset(
         method="risclip",
@@ -273,4 +295,4 @@ def get_config(name: str, **overrides) -> PreTrainedConfig:
     return AutoConfig.for_model(preset.method, **kwargs)
 
 
-__all__ = ["PRESETS", "Preset", "clip_vit_b16_config", "clip_vit_l14_336_config", "get_config", "sam_vit_config"]
+__all__ = ["PRESETS", "Preset", "clip_vit_b16_config", "clip_vit_b16_plus_240_config", "clip_vit_l14_336_config", "get_config", "sam_vit_config"]
