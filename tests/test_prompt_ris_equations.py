@@ -679,6 +679,23 @@ def test_padding_length_changes_nothing(model):
     torch.testing.assert_close(alone[0], outputs[1].logits[1], rtol=0, atol=1e-12)
 
 
+def test_rows_without_text_prompts_and_mixed_lengths(model):
+    """SAM's decoder on mixed rows: a row whose text prompts were dropped (prompt dropout) passes its point alone,
+    the others their real tokens, whatever the order of the rows and of their real tokens in the padded frame."""
+    generator = torch.Generator().manual_seed(10)
+    width, side = model.config.sam_hidden_size, model.config.sam_grid_size
+    image = torch.randn(3, width, side, side, generator=generator, dtype=torch.float64)
+    dense = torch.randn(3, width, side, side, generator=generator, dtype=torch.float64)
+    point = torch.randn(3, width, generator=generator, dtype=torch.float64)
+    text = torch.randn(3, 5, width, generator=generator, dtype=torch.float64)
+    text_mask = torch.tensor([[True, True, False, True, False], [False] * 5, [True, False, False, False, True]])
+    with torch.no_grad():
+        ours = model._sam_decode(image, model.sam.get_image_wide_positional_embeddings(), dense, point, text, text_mask)
+    for row in range(3):
+        tokens = torch.cat([point[row:row + 1], text[row][text_mask[row]]])  # the point, then the real tokens in order
+        close(ours[row], reference_sam_decode(model, image[row], dense[row], tokens), f"row {row}")
+
+
 # ------------------------------------------------------------------ with SAM frozen, mask and point prompts each matter
 @pytest.fixture
 def frozen_sam_model():
