@@ -64,7 +64,7 @@ class PromptRisConfig(PreTrainedConfig):
             In training (stage `end_to_end`), the probability that one kind of SAM prompt (mask, point, text) is
             dropped for one row, each kind and row drawn independently (Sec. 4.2 drops prompts "randomly" without a
             rate). A dropped mask prompt becomes SAM's `no_mask_embed`, a dropped point SAM's `not_a_point_embed`,
-            dropped text prompts zero tokens (SAM's padding). A row that would lose all three keeps its text prompts.
+            dropped text prompts are left out of SAM's decoder. A row that would lose all three keeps its text prompts.
         train_sam_decoder (`bool`, *optional*, defaults to `False`):
             Also train SAM's mask decoder (the parts the first mask depends on: not the IoU head nor the other mask
             tokens' hypernetworks) and the mask embedding of its prompt encoder in stage `end_to_end`. Off, as in

@@ -119,7 +119,8 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
            `mask prompt + image embedding` as dense prompts (the decoder adds the image embedding itself), with
            `multimask_output=False`, i.e. the first mask token's mask only: `logits` (B, M, M), in SAM's padded
            frame. SAM's padding point (added by `SamPromptEncoder` when there are no boxes) is not used: the text
-           prompts follow the point. Word padding gives zero tokens (SAM's padding token).
+           prompts follow the point. Word padding is left out: SAM's decoder has no key mask for sparse tokens, so
+           each row passes only its real text tokens (rows of equal length share one decoder call).
 
     Geometry: the processor letterboxes the image for CLIP exactly as for SAM (longest side resized, padded
     bottom/right), so CLIP's token grid, SAM's embedding and the mask frame cover the same square and S'_C
@@ -297,17 +298,20 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
         S_C) weights E; inference (`model.eval()`): E at the argmax of S_C, no noise."""
         table = self.point_embeddings()
         flat = mask_logits.flatten(1)
-        if self.training:
-            weights = F.gumbel_softmax(flat.float(), tau=self.config.gumbel_temperature, hard=True, dim=-1)
+        if self.training:  # sampled in float32 at least (half precision would round the soft sample's gradient)
+            flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+            weights = F.gumbel_softmax(flat, tau=self.config.gumbel_temperature, hard=True, dim=-1)
             return weights.to(table.dtype) @ table
         return table[flat.argmax(dim=1)]
 
-    def _drop_prompts(self, dense, point, text):
+    def _drop_prompts(self, dense, point, text, text_mask):
         """Prompt dropout (Sec. 4.2) in training: per row, each kind independently with `config.prompt_dropout`;
-        a row never loses all three (it keeps its text prompts)."""
+        a row never loses all three (it keeps its text prompts). A dropped mask prompt becomes SAM's
+        `no_mask_embed`, a dropped point SAM's `not_a_point_embed`; dropped text prompts become zero tokens that
+        the returned `text_mask` (B, L) bool marks absent, so SAM's decoder never sees them."""
         rate = self.config.prompt_dropout
         if not self.training or rate == 0:
-            return dense, point, text
+            return dense, point, text, text_mask
         encoder = self.sam.prompt_encoder
         drop = torch.rand(dense.shape[0], 3, device=dense.device) < rate  # (mask, point, text)
         drop[:, 2] &= ~drop[:, :2].all(dim=1)
@@ -315,12 +319,45 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
         dense = torch.where(drop[:, 0, None, None, None], no_mask, dense)
         point = torch.where(drop[:, 1, None], encoder.not_a_point_embed.weight.to(point.dtype), point)
         text = torch.where(drop[:, 2, None, None], torch.zeros_like(text), text)
-        return dense, point, text
+        return dense, point, text, text_mask & ~drop[:, 2, None]
+
+    def _sam_decode(self, image_embeddings, image_pe, dense, point, text, text_mask) -> torch.Tensor:
+        """SAM's stock mask decoder on the sparse prompts `[e_p, P_text]` of each row, its real text tokens only.
+
+        SAM's mask decoder has no key mask for its sparse tokens: every token it is given takes part in its
+        self-attention and in the image-to-token attention, zero tokens included. So each row passes its point and
+        its real text tokens (`text_mask`, in order) and nothing else, and rows with the same number of real tokens
+        share one decoder call: the result does not depend on how far the expressions were padded.
+        `image_embeddings` and `dense` (B, D_S, h, w), `image_pe` (1, D_S, h, w), `point` (B, D_S),
+        `text` (B, L, D_S), `text_mask` (B, L) bool -> the first mask's logits (B, M, M).
+        """
+        counts = text_mask.sum(dim=1)
+        order = torch.sort((~text_mask).to(torch.uint8), dim=1, stable=True).indices  # real tokens first, in order
+        text = text.gather(1, order.unsqueeze(-1).expand_as(text))
+        sparse = torch.cat([point.unsqueeze(1), text], dim=1)  # (B, 1 + L, D_S)
+        outputs, rows = [], []
+        for count in torch.unique(counts).tolist():
+            index = (counts == count).nonzero(as_tuple=True)[0]
+            masks, _ = self.sam.mask_decoder(
+                image_embeddings=image_embeddings[index],
+                image_positional_embeddings=image_pe.expand(len(index), -1, -1, -1),
+                sparse_prompt_embeddings=sparse[index, : 1 + count].unsqueeze(1),  # (b, 1, 1 + count, D_S)
+                dense_prompt_embeddings=dense[index],
+                multimask_output=False,  # the first mask token's mask alone
+            )
+            outputs.append(masks[:, 0, 0])  # (b, M, M): the first of SAM's four masks
+            rows.append(index)
+        if len(outputs) == 1:
+            return outputs[0].contiguous()
+        rows = torch.cat(rows)
+        inverse = torch.empty_like(rows)
+        inverse[rows] = torch.arange(len(rows), device=rows.device)
+        return torch.cat(outputs)[inverse]
 
     def decode_with_sam(self, mask_logits, words, word_mask, sam_pixel_values) -> torch.Tensor:
         """Mask, point and text prompts into SAM's mask decoder (eq. 4): `mask_logits` (B, M, M) the upsampled
-        coarse logits, `words` (B, L, D_T) CLIP's word features -> the first mask's logits (B, M, M)."""
-        batch = mask_logits.shape[0]
+        coarse logits, `words` (B, L, D_T) CLIP's word features, `word_mask` (B, L) bool (True: a real token) -> the
+        first mask's logits (B, M, M)."""
         image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)  # F_IS (B, D_S, h, w)
         with torch.no_grad():
             image_pe = self.sam.get_image_wide_positional_embeddings()  # (1, D_S, h, w)
@@ -328,16 +365,8 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
                                            input_masks=mask_logits.unsqueeze(1))  # P_mask (B, D_S, h, w)
         point = self.point_prompt(mask_logits)  # e_p (B, D_S)
         text = self.text_prompter(words, word_mask, image_embeddings, image_pe)  # P_text (B, L, D_S)
-        dense, point, text = self._drop_prompts(dense, point.to(text.dtype), text)
-        sparse = torch.cat([point.unsqueeze(1), text], dim=1).unsqueeze(1)  # (B, 1, 1 + L, D_S)
-        masks, _ = self.sam.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_positional_embeddings=image_pe.expand(batch, -1, -1, -1),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,  # the first mask token's mask alone
-        )
-        return masks[:, 0, 0].contiguous()  # (B, M, M); the slice of the first of four masks
+        dense, point, text, text_mask = self._drop_prompts(dense, point.to(text.dtype), text, word_mask)
+        return self._sam_decode(image_embeddings, image_pe, dense, point, text, text_mask)  # (B, M, M)
 
     # ----------------------------------------------------------------- forward
     def _check_inputs(self, pixel_values, input_ids, attention_mask, sam_pixel_values, group_ids, instance_ids,

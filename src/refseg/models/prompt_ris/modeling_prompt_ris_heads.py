@@ -198,7 +198,8 @@ class PromptRisTextPromptLayer(GradientCheckpointingLayer):
 class PromptRisTextPrompter(nn.Module):
     """Text prompts P_text for SAM (Sec. 3.1): CLIP's word features F_T, projected to SAM's width D_S, are the
     queries of `num_layers` text-prompt blocks over SAM's image features F_IS; a final LayerNorm and linear
-    projection give the prompts. Rows of word padding come out as zero tokens (SAM's own padding token)."""
+    projection give the prompts. Rows of word padding come out as zero tokens; the model leaves them out of SAM's
+    decoder (`PromptRisModel._sam_decode`)."""
 
     def __init__(self, text_dim: int, hidden_size: int, num_layers: int, num_heads: int, mlp_dim: int):
         super().__init__()
