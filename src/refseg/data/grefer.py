@@ -29,7 +29,9 @@ import datasets
 import numpy as np
 
 from .masks import decode_segmentation, mask_to_png
-from .refer import REFER_FEATURES, _index_instances, check_image, files_fingerprint, parse_sentences
+from .refer import (
+    REFER_FEATURES, _index_instances, check_image, dataset_from_generator, files_fingerprint, parse_sentences,
+)
 from .unpickle import load_refs_pickle
 
 logger = logging.getLogger(__name__)
@@ -203,15 +205,7 @@ def load_grefer(
 
     fingerprint = files_fingerprint("grefer", dataset, split_by, split, str(image_root), verify_images,
                                     files=(refs_path, str(instances_path)))
-    split_name = datasets.NamedSplit(split) if split and split.isidentifier() else datasets.Split.TRAIN
-    try:
-        return datasets.Dataset.from_generator(generate, features=GREFER_FEATURES, fingerprint=fingerprint,
-                                               cache_dir=cache_dir, split=split_name)
-    except datasets.exceptions.DatasetGenerationError as err:
-        cause = err.__cause__
-        if isinstance(cause, (ValueError, FileNotFoundError)):
-            raise cause from None
-        raise
+    return dataset_from_generator(generate, GREFER_FEATURES, fingerprint=fingerprint, split=split, cache_dir=cache_dir)
 
 
 __all__ = ["GREFER_FEATURES", "GREFER_SPLITS", "load_grefer"]

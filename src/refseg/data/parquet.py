@@ -71,7 +71,9 @@ from typing import Any, Sequence
 import datasets
 
 from .masks import decode_segmentation, mask_to_png
-from .refer import REFER_FEATURES, RowSpec, build_dataset, check_image, files_fingerprint, parse_sentences
+from .refer import (
+    REFER_FEATURES, RowSpec, build_dataset, check_image, dataset_from_generator, files_fingerprint, parse_sentences,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -321,15 +323,7 @@ def _embedded_dataset(refs: list[dict], *, fingerprint: str, split: str | None, 
                     "image_id": ref["image_id"], "category_id": -1, "bbox": ref["bbox"], "split": ref["split"],
                 }
 
-    split_name = datasets.NamedSplit(split) if split and split.isidentifier() else datasets.Split.TRAIN
-    try:
-        return datasets.Dataset.from_generator(generate, features=REFER_FEATURES, fingerprint=fingerprint,
-                                               cache_dir=cache_dir, split=split_name)
-    except datasets.exceptions.DatasetGenerationError as err:
-        cause = err.__cause__
-        if isinstance(cause, (ValueError, FileNotFoundError)):
-            raise cause from None
-        raise
+    return dataset_from_generator(generate, REFER_FEATURES, fingerprint=fingerprint, split=split, cache_dir=cache_dir)
 
 
 def parquet_layout(path: str) -> str:

@@ -149,13 +149,19 @@ def build_dataset(
                 "split": spec.split,
             }
 
+    return dataset_from_generator(generate, REFER_FEATURES, fingerprint=fingerprint, split=split, cache_dir=cache_dir)
+
+
+def dataset_from_generator(generate, features: datasets.Features, *, fingerprint: str, split: str | None,
+                           cache_dir: str | None = None) -> datasets.Dataset:
+    """`datasets.Dataset.from_generator`, cached under `fingerprint`, with the generator's own `ValueError` /
+    `FileNotFoundError` raised as they are (`datasets` wraps them in a `DatasetGenerationError`)."""
     split_name = datasets.NamedSplit(split) if split and split.isidentifier() else datasets.Split.TRAIN
     try:
         return datasets.Dataset.from_generator(
-            generate, features=REFER_FEATURES, fingerprint=fingerprint, cache_dir=cache_dir, split=split_name
+            generate, features=features, fingerprint=fingerprint, cache_dir=cache_dir, split=split_name
         )
     except datasets.exceptions.DatasetGenerationError as err:
-        # `datasets` wraps what the generator raised; hand back our own, clearer error.
         cause = err.__cause__
         if isinstance(cause, (ValueError, FileNotFoundError)):
             raise cause from None
