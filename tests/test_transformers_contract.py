@@ -378,3 +378,32 @@ def test_pipeline_results_carry_label_score_and_mask(method, built):
     assert [r["label"] for r in results] == TEXTS == [r["text"] for r in results]
     for result in results:
         assert {"score", "label", "mask"} <= set(result) and isinstance(result["mask"], Image.Image)
+
+
+@pytest.mark.parametrize("method", REFSEG_METHODS)
+def test_processors_take_typed_processing_kwargs(method, built):
+    """Each processor declares its `ProcessingKwargs` (tokenizer arguments, flat or as `text_kwargs`, and
+    `return_tensors`); unknown keyword arguments are an error, not silently dropped."""
+    from transformers.processing_utils import ProcessingKwargs
+
+    _, processor = built(method)
+    kwargs_class = type(processor).kwargs_class
+    assert kwargs_class.__name__ == f"{type(processor).__name__}Kwargs"
+    assert issubclass(kwargs_class, dict) and ProcessingKwargs.__annotations__.keys() <= kwargs_class.__annotations__.keys()
+    assert kwargs_class._defaults["text_kwargs"]["return_tensors"] == "pt"
+    image = _image(6)
+    as_numpy = processor(images=image, text=TEXTS, return_tensors="np")
+    assert isinstance(as_numpy["input_ids"], np.ndarray)
+    assert isinstance(processor(images=image, text=TEXTS)["input_ids"], torch.Tensor)  # "pt" by default
+    with pytest.raises(ValueError, match="colour"):
+        processor(images=image, text=TEXTS, colour="red")
+    word_length = getattr(processor, "word_length", None)
+    if word_length is None:  # the tokenizer's length arguments reach it, flat or per modality
+        flat = processor(images=image, text=TEXTS, max_length=4)["input_ids"]
+        nested = processor(images=image, text=TEXTS, text_kwargs={"max_length": 4})["input_ids"]
+        assert flat.shape[1] == 4 and torch.equal(flat, nested)
+    else:  # fixed by the processor's word_length
+        assert processor(images=image, text=TEXTS)["input_ids"].shape[1] == word_length
+        for kwargs in ({"max_length": 4}, {"text_kwargs": {"padding": "longest"}}):
+            with pytest.raises(ValueError, match="word_length"):
+                processor(images=image, text=TEXTS, **kwargs)

@@ -16,13 +16,14 @@ Imports only numpy, PIL and torch, so that exported (remote) model code can carr
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Union, get_type_hints
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessingKwargs
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -353,6 +354,18 @@ def load_clip_parts(clip, image_size: int, **loading) -> tuple:
     return image_processor, AutoTokenizer.from_pretrained(clip, **loading)
 
 
+# The defaults of every refseg processor call (a TypedDict does not inherit `_defaults`: each subclass sets it).
+PROCESSOR_KWARGS_DEFAULTS = {"text_kwargs": {"padding": True, "truncation": True, "return_tensors": "pt"}}
+
+
+class ReferringSegmentationProcessorKwargs(ProcessingKwargs, total=False):
+    """Typed keyword arguments of a refseg processor call, as transformers' processors take them: the
+    tokenizer's (`text_kwargs`, or flat: `max_length=...`) and `return_tensors` (default `"pt"`). A method's
+    processor subclasses it (`RisclipProcessorKwargs`, ...), with `_defaults = PROCESSOR_KWARGS_DEFAULTS`."""
+
+    _defaults = PROCESSOR_KWARGS_DEFAULTS
+
+
 class ReferringSegmentationProcessorMixin:
     """Shared behaviour of refseg processors.
 
@@ -368,6 +381,32 @@ class ReferringSegmentationProcessorMixin:
 
     threshold: float = 0.5
     padded_input_size: Optional[int] = None
+    kwargs_class = ReferringSegmentationProcessorKwargs
+
+    def tokenizer_kwargs(self, kwargs: dict, *, word_length: Optional[int] = None) -> tuple[dict, Optional[str]]:
+        """`(tokenizer keyword arguments, return_tensors)` of one call: `kwargs` merged with
+        `self.kwargs_class`'s defaults by transformers' `_merge_kwargs` (flat or per modality:
+        `max_length=8` or `text_kwargs={"max_length": 8}`).
+
+        `word_length`: every expression is padded and truncated to this many tokens, so `padding`,
+        `truncation` and `max_length` are refused. Keyword arguments the typed kwargs do not know are a
+        `ValueError` (transformers would warn and drop them)."""
+        valid = {"text_kwargs"} | set(get_type_hints(self.kwargs_class)["text_kwargs"].__annotations__)
+        given = set(kwargs) | set(kwargs.get("text_kwargs") or {})
+        unknown = sorted(set(kwargs) - valid)
+        if unknown:
+            raise ValueError(f"unexpected arguments {unknown}; pass `images`, `text`, `masks`, `return_tensors` "
+                             f"and tokenizer arguments (`text_kwargs`)")
+        if word_length is not None:
+            for name in ("padding", "truncation", "max_length"):
+                if name in given:
+                    raise ValueError(f"`{name}` is fixed by the processor's `word_length` ({word_length})")
+        merged = self._merge_kwargs(self.kwargs_class, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs = dict(merged["text_kwargs"])
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        if word_length is not None:
+            text_kwargs.update(padding="max_length", truncation=True, max_length=word_length)
+        return text_kwargs, return_tensors
 
     def prepare_referring_inputs(self, images, text, masks=None) -> ReferringInputs:
         """Validate and pair `images` / `text` (/ `masks`) for a processor call."""
@@ -443,7 +482,9 @@ class ReferringSegmentationProcessorMixin:
 
 
 __all__ = [
-    "ReferringInputs", "ReferringSegmentationProcessorMixin", "get_original_sizes", "load_clip_parts", "load_image",
+    "PROCESSOR_KWARGS_DEFAULTS",
+    "ReferringInputs", "ReferringSegmentationProcessorKwargs", "ReferringSegmentationProcessorMixin",
+    "get_original_sizes", "load_clip_parts", "load_image",
     "load_mask",
     "pair_images_and_texts", "post_process_masks", "resize_longest_side_shape", "resize_masks_to_input",
     "validate_masks", "validate_text",

@@ -25,7 +25,6 @@ single-target refs, the images and `refshapes/` are byte-identical to those of `
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Sequence
 

@@ -7,14 +7,25 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, ProcessorMixin, SamConfig
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import Unpack
 
-from ...processing_utils import ReferringSegmentationProcessorMixin, resize_longest_side_shape, resize_masks_to_input
+from ...processing_utils import (
+    PROCESSOR_KWARGS_DEFAULTS, ReferringSegmentationProcessorKwargs, ReferringSegmentationProcessorMixin,
+    resize_longest_side_shape, resize_masks_to_input,
+)
 from .configuration_prompt_ris import MIN_WORD_LENGTH, PAPER_GRID
 
 
 def _positive_int(name, value):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+
+
+class PromptRisProcessorKwargs(ReferringSegmentationProcessorKwargs, total=False):
+    """Typed keyword arguments of `PromptRisProcessor.__call__`: tokenizer arguments and `return_tensors`
+    (every expression padded and truncated to the processor's `word_length`)."""
+
+    _defaults = PROCESSOR_KWARGS_DEFAULTS
 
 
 class PromptRisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
@@ -65,6 +76,8 @@ class PromptRisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
 
     # model config fields the training script passes to `from_backbones` (refseg.training.modeling)
     config_fields = ("word_length", "threshold", "sam_image_size")
+
+    kwargs_class = PromptRisProcessorKwargs
 
     def __init__(self, image_processor=None, sam_image_processor=None, tokenizer=None, image_size: int = 480,
                  sam_image_size: int = 1024, word_length: int = 20, threshold: float = 0.5):
@@ -135,7 +148,7 @@ class PromptRisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
         return self.sam_image_processor(resized, do_resize=False, do_pad=True, pad_size=pad,
                                         return_tensors="pt")["pixel_values"]
 
-    def __call__(self, images=None, text=None, masks=None, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, masks=None, **kwargs: Unpack[PromptRisProcessorKwargs]) -> BatchFeature:
         """Encode image-text pairs (and masks).
 
         Args:
@@ -144,7 +157,8 @@ class PromptRisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
             text (`str` or list): the referring expressions.
             masks (*optional*): one ground-truth mask per pair, each of its image's size.
             return_tensors (`str`, *optional*, defaults to `"pt"`).
-            **kwargs: passed to the tokenizer (padding and length are fixed by `word_length`).
+            **kwargs: `PromptRisProcessorKwargs`: tokenizer arguments, flat or as `text_kwargs` (padding and length
+                are fixed by `word_length`).
 
         Returns:
             `BatchFeature` with `pixel_values` (B, 3, S, S), `sam_pixel_values` (B, 3, S_sam, S_sam), `input_ids` and
@@ -152,10 +166,8 @@ class PromptRisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
             (B, S_sam, S_sam) float 0/1 in SAM's padded frame when `masks` are given; S = `image_size`,
             S_sam = `sam_image_size`, B = number of pairs.
         """
+        text_kwargs, return_tensors = self.tokenizer_kwargs(kwargs, word_length=self.word_length)
         inputs = self.prepare_referring_inputs(images, text, masks)
-        for name in ("padding", "truncation", "max_length"):
-            if name in kwargs:
-                raise ValueError(f"`{name}` is fixed by the processor's `word_length` ({self.word_length})")
         first = {}
         for pair, index in enumerate(inputs.image_indices):
             first.setdefault(index, pair)
@@ -163,8 +175,7 @@ class PromptRisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
         clip_pixels = torch.stack([self._clip_pixels(image) for image in distinct])
         sam_pixels = self._sam_pixels(distinct)
         rows = torch.tensor([list(first).index(i) for i in inputs.image_indices], dtype=torch.long)
-        encoded = self.tokenizer(inputs.texts, return_tensors="pt", padding="max_length", truncation=True,
-                                 max_length=self.word_length, **kwargs)
+        encoded = self.tokenizer(inputs.texts, return_tensors="pt", **text_kwargs)
         data = {
             "pixel_values": clip_pixels[rows],
             "sam_pixel_values": sam_pixels[rows],
@@ -181,4 +192,4 @@ class PromptRisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
         return ["pixel_values", "sam_pixel_values", "input_ids", "attention_mask"]
 
 
-__all__ = ["PromptRisProcessor"]
+__all__ = ["PromptRisProcessor", "PromptRisProcessorKwargs"]

@@ -7,9 +7,20 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin, SamConfig
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import Unpack
 
-from ...processing_utils import ReferringSegmentationProcessorMixin, resize_longest_side_shape, resize_masks_to_input
+from ...processing_utils import (
+    PROCESSOR_KWARGS_DEFAULTS, ReferringSegmentationProcessorKwargs, ReferringSegmentationProcessorMixin,
+    resize_longest_side_shape, resize_masks_to_input,
+)
 from .configuration_risam import MIN_WORD_LENGTH
+
+
+class RisamProcessorKwargs(ReferringSegmentationProcessorKwargs, total=False):
+    """Typed keyword arguments of `RisamProcessor.__call__`: tokenizer arguments and `return_tensors`
+    (every expression padded and truncated to the processor's `word_length`)."""
+
+    _defaults = PROCESSOR_KWARGS_DEFAULTS
 
 
 class RisamProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
@@ -49,6 +60,8 @@ class RisamProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
 
     # model config fields the training script passes to `from_backbones` (refseg.training.modeling)
     config_fields = ("word_length", "threshold")
+
+    kwargs_class = RisamProcessorKwargs
 
     def __init__(self, image_processor=None, tokenizer=None, image_size: int = 1024, word_length: int = 17,
                  threshold: float = 0.35):
@@ -90,7 +103,7 @@ class RisamProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
         return cls(image_processor=image_processor, tokenizer=tokenizer, image_size=image_size,
                    word_length=word_length, threshold=threshold)
 
-    def __call__(self, images=None, text=None, masks=None, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, masks=None, **kwargs: Unpack[RisamProcessorKwargs]) -> BatchFeature:
         """Encode image-text pairs (and masks).
 
         Args:
@@ -99,17 +112,16 @@ class RisamProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
             text (`str` or list): the referring expressions.
             masks (*optional*): one ground-truth mask per pair, each of its image's size.
             return_tensors (`str`, *optional*, defaults to `"pt"`).
-            **kwargs: passed to the tokenizer (padding and length are fixed by `word_length`).
+            **kwargs: `RisamProcessorKwargs`: tokenizer arguments, flat or as `text_kwargs` (padding and length
+                are fixed by `word_length`).
 
         Returns:
             `BatchFeature` with `pixel_values` (B, 3, S, S), `input_ids` and `attention_mask` (B, word_length),
             `original_sizes` (B, 2) long (height, width), and `labels` (B, S, S) float 0/1 in the padded frame
             when `masks` are given; S = `image_size`, B = number of pairs.
         """
+        text_kwargs, return_tensors = self.tokenizer_kwargs(kwargs, word_length=self.word_length)
         inputs = self.prepare_referring_inputs(images, text, masks)
-        for name in ("padding", "truncation", "max_length"):
-            if name in kwargs:
-                raise ValueError(f"`{name}` is fixed by the processor's `word_length` ({self.word_length})")
         first = {}
         for pair, index in enumerate(inputs.image_indices):
             first.setdefault(index, pair)
@@ -123,8 +135,7 @@ class RisamProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
             return_tensors="pt",
         )["pixel_values"]
         rows = torch.tensor([list(first).index(i) for i in inputs.image_indices], dtype=torch.long)
-        encoded = self.tokenizer(inputs.texts, return_tensors="pt", padding="max_length", truncation=True,
-                                 max_length=self.word_length, **kwargs)
+        encoded = self.tokenizer(inputs.texts, return_tensors="pt", **text_kwargs)
         data = {
             "pixel_values": pixel_values[rows],
             "input_ids": encoded["input_ids"],
@@ -140,4 +151,4 @@ class RisamProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
         return ["pixel_values", "input_ids", "attention_mask"]
 
 
-__all__ = ["RisamProcessor"]
+__all__ = ["RisamProcessor", "RisamProcessorKwargs"]

@@ -4,9 +4,19 @@ from typing import Optional
 
 from transformers import CLIPConfig, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import Unpack
 
-from ...processing_utils import ReferringSegmentationProcessorMixin, load_clip_parts
+from ...processing_utils import (
+    PROCESSOR_KWARGS_DEFAULTS, ReferringSegmentationProcessorKwargs, ReferringSegmentationProcessorMixin, load_clip_parts,
+)
 from .configuration_risclip import PAPER_GRID
+
+
+class RisclipProcessorKwargs(ReferringSegmentationProcessorKwargs, total=False):
+    """Typed keyword arguments of `RisclipProcessor.__call__`: tokenizer arguments and `return_tensors`
+    (padding to the longest expression)."""
+
+    _defaults = PROCESSOR_KWARGS_DEFAULTS
 
 
 class RisclipProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
@@ -37,6 +47,8 @@ class RisclipProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
     ```
     """
 
+    kwargs_class = RisclipProcessorKwargs
+
     def __init__(self, image_processor=None, tokenizer=None, image_size: int = 640, threshold: float = 0.5):
         super().__init__(image_processor, tokenizer)
         if not isinstance(image_size, int) or image_size < 1:
@@ -64,7 +76,7 @@ class RisclipProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
         image_processor, tokenizer = load_clip_parts(clip, image_size, **loading)
         return cls(image_processor=image_processor, tokenizer=tokenizer, image_size=image_size, threshold=threshold)
 
-    def __call__(self, images=None, text=None, masks=None, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, masks=None, **kwargs: Unpack[RisclipProcessorKwargs]) -> BatchFeature:
         """Encode image-text pairs (and masks).
 
         Args:
@@ -73,21 +85,21 @@ class RisclipProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
             text (`str` or list): the referring expressions.
             masks (*optional*): one ground-truth mask per pair, each of its image's size.
             return_tensors (`str`, *optional*, defaults to `"pt"`).
-            **kwargs: passed to the tokenizer (e.g. `max_length`).
+            **kwargs: `RisclipProcessorKwargs`: tokenizer arguments, flat (`max_length=8`) or as `text_kwargs`
+                (defaults: padding to the longest expression, truncation at CLIP's length).
 
         Returns:
             `BatchFeature` with `pixel_values` (B, 3, S, S), `input_ids` and `attention_mask` (B, T),
             `original_sizes` (B, 2) long (height, width), and `labels` (B, S, S) float 0/1 when `masks` are
             given; S = `image_size`, B = number of pairs.
         """
+        text_kwargs, return_tensors = self.tokenizer_kwargs(kwargs)
         inputs = self.prepare_referring_inputs(images, text, masks)
-        kwargs.setdefault("padding", True)
-        kwargs.setdefault("truncation", True)
-        return self.encode_square_pairs(inputs, return_tensors, **kwargs)
+        return self.encode_square_pairs(inputs, return_tensors, **text_kwargs)
 
     @property
     def model_input_names(self) -> list:
         return ["pixel_values", "input_ids", "attention_mask"]
 
 
-__all__ = ["RisclipProcessor"]
+__all__ = ["RisclipProcessor", "RisclipProcessorKwargs"]
