@@ -79,6 +79,10 @@ class CrisConfig(PreTrainedConfig):
         backbone_learning_rate_scale (`float`, *optional*, defaults to 0.1):
             Learning rate of the CLIP towers relative to the base rate (`refseg.training.METHODS["cris"]`
             builds the parameter groups from it).
+        backbone_position_embeddings_at_base_rate (`bool`, *optional*, defaults to `False`):
+            Train CLIP's two position embeddings at the base rate with the heads, not at
+            `backbone_learning_rate_scale` (the authors' optimiser groups: every backbone parameter whose name
+            holds `positional_embedding` goes to the head group). The `cris-b` paper configs set it.
         batch_norm_momentum (`float`, *optional*, defaults to 0.1):
             Momentum of the running statistics of every BatchNorm in the neck and projector (PyTorch's default,
             as the public code). Short runs (the tiny preset) need more: the statistics must follow features
@@ -117,6 +121,7 @@ class CrisConfig(PreTrainedConfig):
     resize_mode: str = "stretch"
     mask_resample: str = "nearest"
     backbone_learning_rate_scale: float = 0.1
+    backbone_position_embeddings_at_base_rate: bool = False
     batch_norm_momentum: float = 0.1
     share_image_encoding: bool = True
     training_stage: str = "default"
