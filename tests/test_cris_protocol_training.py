@@ -36,7 +36,6 @@ def small_model(**overrides):
 
 
 def test_authors_optimiser_groups_put_position_embeddings_at_the_base_rate():
-    names = {id(p): n for n, p in small_model().named_parameters()}
     for flag in (False, True):
         model = small_model(backbone_position_embeddings_at_base_rate=flag)
         names = {id(p): n for n, p in model.named_parameters()}
