@@ -324,14 +324,14 @@ def test_eq_1_the_sentence_gates_the_deepest_level(model):
     f_s = torch.randn(2, 20, generator=generator, dtype=torch.float64)
     neck = model.neck
     with torch.no_grad():
-        projected = neck.v4_proj(v4)
-        gated = neck.fuse4_norm[0](projected * torch.relu(linear(f_s, neck.text_proj))[:, :, None, None])
         seen, hooks = capture(model, ["neck.fuse4_norm"])
         neck((torch.zeros(2, 32, 16, 16, dtype=torch.float64), torch.zeros(2, 32, 8, 8, dtype=torch.float64), v4), f_s)
     hooks[0].remove()
     m4 = seen["neck.fuse4_norm"][1]
-    torch.testing.assert_close(m4, torch.relu(gated), **TOL)
-    assert (m4[0] - m4[1]).abs().max() > 1e-3
+    visual = conv_bn_relu(v4, neck.v4_proj)  # sigma(F_v4 W_v4): the same for both rows
+    gate = torch.relu(linear(f_s, neck.text_proj))[:, :, None, None]  # sigma(F_s W_s): one per sentence
+    torch.testing.assert_close(m4, torch.relu(batch_norm(visual * gate, neck.fuse4_norm[0])), **TOL)
+    assert (m4[0] - m4[1]).abs().max() > 1e-3  # the sentence changes the level
 
 
 def test_eq_4_coordconv_sees_the_coordinates(model):
