@@ -262,9 +262,14 @@ def test_conversion_details(tmp_path):
     theirs = sd["module.neck.f2_cat.0.weight"]
     assert torch.equal(ours["neck.fuse3.0.weight"][:, :40], theirs[:, 24:])
     assert torch.equal(ours["neck.fuse3.0.weight"][:, 40:], theirs[:, :24])
-    # their checkpoint file: {"state_dict": ...}, opened with weights_only=True
+    # their checkpoint file, as their train.py writes it (optimizer and MultiStepLR state included), opened with
+    # weights_only=True
     path = tmp_path / "best_model.pth"
-    torch.save({"epoch": 50, "best_iou": 0.7, "state_dict": sd}, path)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[35], gamma=0.1)
+    torch.save({"epoch": 50, "cur_iou": 0.69, "best_iou": 0.7, "prec": {"Pr@50": 0.8}, "state_dict": sd,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path)
     model = small_model()
     assert load_cris_original_heads(model, str(path)) == []
     torch.testing.assert_close(model.state_dict()["projector.text_proj.weight"], sd["module.proj.txt.weight"], **TOL)

@@ -22,6 +22,7 @@ sentence width equal theirs; `load_cris_original_heads(..., strict=False)` loads
 fits and lists the rest.
 """
 
+import collections
 import re
 from typing import Optional, Union
 
@@ -136,8 +137,9 @@ def load_cris_original_heads(model, checkpoint: Union[str, dict], strict: bool =
 
     Args:
         model (`CrisModel`): the model to fill; its CLIP is left as it is.
-        checkpoint (`str` or `dict`): a path to their `.pth` (opened with `torch.load(weights_only=True)`), or
-            a state dict, or their saved dict holding one under `"state_dict"`.
+        checkpoint (`str` or `dict`): a path to their `.pth` (`best_model.pth` / `last_model.pth`, opened with
+            `torch.load(weights_only=True)`), or a state dict, or their saved dict holding one under
+            `"state_dict"`.
         strict (`bool`): raise a `ValueError` listing the tensors whose shapes differ from the model's (their
             ResNet widths against a ViT CLIP); with `False` those are skipped and returned.
 
@@ -145,7 +147,10 @@ def load_cris_original_heads(model, checkpoint: Union[str, dict], strict: bool =
         The refseg names that were skipped (shape mismatch), `[]` when everything loaded.
     """
     if isinstance(checkpoint, str):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        # their file also holds the optimizer and the MultiStepLR state, whose milestones are a Counter (a dict);
+        # admitted explicitly (PyTorch 2.13 already allows it) so the load does not rest on the version's defaults
+        with torch.serialization.safe_globals([collections.Counter]):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state_dict = checkpoint.get("state_dict", checkpoint)
     converted = convert_cris_original_state_dict(state_dict, batch_norm_eps=batch_norm_eps)
     own = model.state_dict()
