@@ -159,9 +159,12 @@ def test_sync_batch_norm_makes_two_processes_train_as_one(tiny_backbones, refsha
 @pytest.mark.slow
 def test_best_checkpoint_is_kept_by_validation_score(tiny_backbones, refshapes_root, tmp_path):
     out = tmp_path / "run"
+    # the cris-b configs' protocol on the tiny model: letterbox, soft targets, the authors' groups
+    protocol = {"decoder_dropout": 0.0, "resize_mode": "letterbox", "mask_resample": "bilinear",
+                "backbone_position_embeddings_at_base_rate": True}
     proc = _run([sys.executable, str(TRAIN), *_args(tiny_backbones, refshapes_root, out, stages="default:4",
                                                    eval_steps=2, eval_splits="val", max_eval_samples=12,
-                                                   best_metric="val/mIoU")])
+                                                   best_metric="val/mIoU", config_overrides=json.dumps(protocol))])
     logged = {int(m.group(1)): float(m.group(2)) for m in
               re.finditer(r"step (\d+) val \[logits\]: .*?mIoU=([0-9.]+)", proc.stderr + proc.stdout)}
     assert sorted(logged) == [2, 4]
@@ -170,6 +173,8 @@ def test_best_checkpoint_is_kept_by_validation_score(tiny_backbones, refshapes_r
     assert (record["split"], record["metric"], record["mode"], record["step"]) == ("val", "mIoU", "max", best_step)
     assert record["value"] == pytest.approx(logged[best_step], abs=1e-4)
     assert (out / "best" / "config.json").is_file() and (out / "best" / "processor_config.json").is_file()
+    processor_config = json.loads((out / "best" / "processor_config.json").read_text())
+    assert (processor_config["resize_mode"], processor_config["mask_resample"]) == ("letterbox", "bilinear")
     final, best = _weights(out), _weights(out / "best")
     assert final.keys() == best.keys()
     same = all(torch.equal(final[k], best[k]) for k in final)
