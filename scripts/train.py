@@ -34,9 +34,11 @@ from refseg.training import (
     save_checkpoint,
     staged_lr_lambda,
 )
+from refseg.training.best import BestTracker, parse_best_metric, write_best_folder
 from refseg.training.checkpointing import pause_point
 from refseg.data import RandomAffineSaturation
 from refseg.training.data import load_eval_splits, load_train_split, resolve_split_by
+from refseg.training.distributed import convert_sync_batch_norm
 from refseg.training.evaluation import write_eval_results
 from refseg.training.modeling import build_model_and_processor, stage_parameters
 from refseg.training.optim import build_optimizer, resolve_gradient_accumulation
@@ -109,10 +111,15 @@ def main(argv=None):
     logger.info("global batch %d = %d per device x %d process(es) x %d accumulation step(s)", global_batch,
                 args.per_device_train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
     model, processor = build_model_and_processor(spec, model_args)
+    if args.sync_batch_norm and accelerator.num_processes > 1:
+        converted = convert_sync_batch_norm(model, accelerator.device.type)
+        logger.info("sync_batch_norm: %d BatchNorm layer(s) normalise over the %d processes' batches", converted,
+                    accelerator.num_processes)
 
     with accelerator.main_process_first():
         train_rows = load_train_split(data_args)
         eval_sets = load_eval_splits(data_args)
+    best_split_metric = parse_best_metric(args.best_metric, eval_sets) if args.best_metric else None
     train_data = build_train_data(spec.sampler, train_rows, processor,
                                   per_device_batch_size=args.per_device_train_batch_size,
                                   rank=accelerator.process_index, num_processes=accelerator.num_processes,
@@ -167,6 +174,22 @@ def main(argv=None):
         else:
             logger.info("--resume_from_checkpoint %s: no checkpoint in %s; starting a new training run",
                         args.resume_from_checkpoint, output_dir)
+
+    best = None
+    if best_split_metric:
+        best = BestTracker(output_dir, *best_split_metric, mode=args.best_metric_mode, resume=global_step > 0)
+
+    def track_best(results, step):
+        """Every process calls it after an evaluation (same results everywhere); the main one writes."""
+        if best is None:
+            return
+
+        def save(tmp, final, record):
+            if accelerator.is_main_process:
+                write_best_folder(tmp, final, record, raw_model, processor)
+            accelerator.wait_for_everyone()
+
+        best.update(results, step, save)
 
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("refseg", config={k: v for k, v in {**vars(model_args), **vars(data_args),
@@ -228,8 +251,8 @@ def main(argv=None):
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 checkpoint_now(global_step)
             if args.eval_steps and global_step % args.eval_steps == 0 and global_step < plan.total_steps:
-                run_evaluation(accelerator, model, processor, eval_sets, args, global_step,
-                               spec.scored_output(stage), data_args.dataloader_num_workers)
+                track_best(run_evaluation(accelerator, model, processor, eval_sets, args, global_step,
+                                          spec.scored_output(stage), data_args.dataloader_num_workers), global_step)
     progress.close()
 
     # the final evaluation scores the output of the run's last stage (`logits` after RISCLIP's Refiner)
@@ -238,6 +261,7 @@ def main(argv=None):
     if eval_sets:
         results = run_evaluation(accelerator, model, processor, eval_sets, args, global_step, final_output,
                                  data_args.dataloader_num_workers)
+        track_best(results, global_step)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         raw_model.save_pretrained(output_dir)

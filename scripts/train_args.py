@@ -73,6 +73,11 @@ class TrainArguments:
     checkpoints_total_limit: Optional[int] = field(default=None, metadata={"help": "keep at most N checkpoints"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "evaluate every N updates (always at the end)"})
+    best_metric: Optional[str] = field(default=None, metadata={
+        "help": "keep the best model by '<split>/<metric>' (e.g. 'val/oIoU', 'val/mIoU') in <output_dir>/best after each evaluation"})
+    best_metric_mode: str = field(default="max", metadata={"help": "max | min: which way `best_metric` improves"})
+    sync_batch_norm: bool = field(default=False, metadata={
+        "help": "with several processes, BatchNorm layers normalise by the statistics of the whole global batch (SyncBatchNorm; CPU processes too)"})
     logging_steps: int = field(default=10, metadata={"help": "log every N updates"})
     report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker, or 'none'"})
 

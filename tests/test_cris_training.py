@@ -72,7 +72,13 @@ def test_paper_configs_carry_the_papers_settings(dataset, split_by, word_length)
 
     model_args, data_args, args = parse_args(["--config", str(CONFIGS / f"cris-b_{dataset}.yaml")])
     assert (model_args.method, model_args.preset) == ("cris", "cris-b")
-    assert parse_config_overrides(model_args.config_overrides) == {"word_length": word_length}
+    # the authors' protocol (docs/cris.md, "Differences from the authors' code"): letterbox, soft targets,
+    # position embeddings at the base rate, fp16, SyncBatchNorm, the best val mIoU kept
+    assert parse_config_overrides(model_args.config_overrides) == {
+        "word_length": word_length, "resize_mode": "letterbox", "mask_resample": "bilinear",
+        "backbone_position_embeddings_at_base_rate": True}
+    assert (args.mixed_precision, args.sync_batch_norm, args.best_metric) == ("fp16", True, "val/mIoU")
+    assert args.max_grad_norm == 0.0
     assert (data_args.dataset, data_args.split_by) == (dataset, split_by)
     assert (args.optimizer, args.learning_rate, args.num_epochs, args.global_batch_size) == ("adam", 1e-4, 50, 64)
     assert (args.lr_scheduler, args.lr_milestones, args.lr_gamma, args.weight_decay) == ("step", "0.7", 0.1, 0.0)

@@ -3,7 +3,8 @@
 The scripts own argument parsing, logging and the loop; this package holds what they share and
 what a new method plugs into: the method registry (`registry`), the deterministic training and
 evaluation sample sets (`samples`), crash-safe checkpoint folders (`checkpointing`), the
-stage-aware learning-rate schedule (`schedules`) and the distributed evaluation (`evaluation`).
+stage-aware learning-rate schedule (`schedules`), the distributed evaluation (`evaluation`), the best
+checkpoint by a validation score (`best`) and BatchNorm synchronised across processes (`distributed`).
 """
 
 from .checkpointing import find_latest_checkpoint, prune_checkpoints, save_checkpoint

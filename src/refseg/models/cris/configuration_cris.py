@@ -13,6 +13,10 @@ TRAINING_STAGES = ("default",)
 PAPER_GRID = 26
 # [SOS] and [EOS] plus at least one word.
 MIN_WORD_LENGTH = 3
+# How the processor fits an image to the square input: stretched, or the authors' letterbox (aspect kept, padded).
+RESIZE_MODES = ("stretch", "letterbox")
+# How the processor resizes a mask into `labels`: nearest (0/1) or bilinear (soft edges, the authors' targets).
+MASK_RESAMPLES = ("nearest", "bilinear")
 
 
 def default_feature_layers(num_layers: int) -> list:
@@ -63,9 +67,22 @@ class CrisConfig(PreTrainedConfig):
             pads and truncates to it. At least 3.
         threshold (`float`, *optional*, defaults to 0.35):
             Probability threshold of the final mask (the paper's).
+        resize_mode (`str`, *optional*, defaults to `"stretch"`):
+            How `CrisProcessor` (built by the training script from this config) fits an image to the square
+            input: `"stretch"`, or `"letterbox"` as the authors' code (aspect ratio kept, centred, padded with
+            CLIP's mean colour; post-processing maps the probabilities back through the inverse placement).
+            The `cris-b` paper configs use `"letterbox"`.
+        mask_resample (`str`, *optional*, defaults to `"nearest"`):
+            How the processor resizes ground-truth masks into `labels`: `"nearest"` (0/1) or `"bilinear"`
+            (soft edges, the authors' loss targets: their mask is warped with linear interpolation; the loss
+            then samples it at the logits size as before). The `cris-b` paper configs use `"bilinear"`.
         backbone_learning_rate_scale (`float`, *optional*, defaults to 0.1):
             Learning rate of the CLIP towers relative to the base rate (`refseg.training.METHODS["cris"]`
             builds the parameter groups from it).
+        backbone_position_embeddings_at_base_rate (`bool`, *optional*, defaults to `False`):
+            Train CLIP's two position embeddings at the base rate with the heads, not at
+            `backbone_learning_rate_scale` (the authors' optimiser groups: every backbone parameter whose name
+            holds `positional_embedding` goes to the head group). The `cris-b` paper configs set it.
         batch_norm_momentum (`float`, *optional*, defaults to 0.1):
             Momentum of the running statistics of every BatchNorm in the neck and projector (PyTorch's default,
             as the public code). Short runs (the tiny preset) need more: the statistics must follow features
@@ -101,7 +118,10 @@ class CrisConfig(PreTrainedConfig):
     projector_kernel_size: int = 3
     word_length: int = 17
     threshold: float = 0.35
+    resize_mode: str = "stretch"
+    mask_resample: str = "nearest"
     backbone_learning_rate_scale: float = 0.1
+    backbone_position_embeddings_at_base_rate: bool = False
     batch_norm_momentum: float = 0.1
     share_image_encoding: bool = True
     training_stage: str = "default"
@@ -176,6 +196,10 @@ class CrisConfig(PreTrainedConfig):
             raise ValueError(f"`decoder_dropout` must be in [0, 1), got {self.decoder_dropout!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"`threshold` must be in (0, 1), got {self.threshold!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"`resize_mode` must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.mask_resample not in MASK_RESAMPLES:
+            raise ValueError(f"`mask_resample` must be one of {MASK_RESAMPLES}, got {self.mask_resample!r}")
         if self.backbone_learning_rate_scale < 0:
             raise ValueError(f"`backbone_learning_rate_scale` must be >= 0, got {self.backbone_learning_rate_scale!r}")
         if not 0.0 < self.batch_norm_momentum <= 1.0:
@@ -184,4 +208,7 @@ class CrisConfig(PreTrainedConfig):
             raise ValueError(f"`training_stage` must be one of {TRAINING_STAGES}, got {self.training_stage!r}")
 
 
-__all__ = ["MIN_WORD_LENGTH", "PAPER_GRID", "TRAINING_STAGES", "CrisConfig", "default_feature_layers"]
+__all__ = [
+    "MASK_RESAMPLES", "MIN_WORD_LENGTH", "PAPER_GRID", "RESIZE_MODES", "TRAINING_STAGES", "CrisConfig",
+    "default_feature_layers",
+]

@@ -133,13 +133,20 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
         for name in _UNUSED_CLIP_PARAMETERS:
             getattr(self.clip, name).requires_grad_(False)
 
+    def _at_base_rate(self, name: str) -> bool:
+        # the authors' groups: CLIP's position embeddings train with the heads (config flag)
+        return self.config.backbone_position_embeddings_at_base_rate and "position_embedding" in name
+
     def backbone_parameters(self) -> list:
-        """The trainable CLIP parameters (the 0.1x learning-rate group)."""
-        return [p for p in self.clip.parameters() if p.requires_grad]
+        """The trainable CLIP parameters (the 0.1x learning-rate group); without the two position embeddings
+        when `config.backbone_position_embeddings_at_base_rate`."""
+        return [p for n, p in self.clip.named_parameters() if p.requires_grad and not self._at_base_rate(n)]
 
     def head_parameters(self) -> list:
-        """The trainable parameters of the neck, decoder and projector (the base learning-rate group)."""
-        return [p for m in (self.neck, self.decoder, self.projector) for p in m.parameters() if p.requires_grad]
+        """The trainable parameters of the neck, decoder and projector (the base learning-rate group), then
+        CLIP's position embeddings when `config.backbone_position_embeddings_at_base_rate`."""
+        heads = [p for m in (self.neck, self.decoder, self.projector) for p in m.parameters() if p.requires_grad]
+        return heads + [p for n, p in self.clip.named_parameters() if p.requires_grad and self._at_base_rate(n)]
 
     # ----------------------------------------------------------------- the towers alone
     def get_visual_levels(self, pixel_values: torch.Tensor) -> tuple:
