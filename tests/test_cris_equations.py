@@ -279,7 +279,7 @@ def model():
 def test_image_levels_are_the_documented_vit_pyramid(model):
     inputs = make_inputs()
     with torch.no_grad():
-        got = model.get_image_features(inputs["pixel_values"])
+        got = model.get_visual_levels(inputs["pixel_values"])
         want = reference_image_levels(model, inputs["pixel_values"])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TOL)
@@ -288,7 +288,7 @@ def test_image_levels_are_the_documented_vit_pyramid(model):
 def test_sentence_feature_is_read_at_eos_not_sos(model):
     inputs = make_inputs(batch=3)
     with torch.no_grad():
-        words, sentence = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+        words, sentence = model.get_word_features(inputs["input_ids"], inputs["attention_mask"])
         ref_words, ref_sentence = reference_text(model, inputs["input_ids"], inputs["attention_mask"])
         at_sos = words[:, 0] @ model.clip.text_projection.weight.T
     torch.testing.assert_close(words, ref_words, **TOL)

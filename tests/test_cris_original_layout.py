@@ -247,8 +247,8 @@ def test_whole_heads_on_clip_features_equal_the_authors(converted):
     input_ids[0, -1], input_ids[1, 4:] = 599, 599
     with torch.no_grad():
         out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
-        levels = model.get_image_features(pixel_values)
-        words, state = model.get_text_features(input_ids, attention_mask)
+        levels = model.get_visual_levels(pixel_values)
+        words, state = model.get_word_features(input_ids, attention_mask)
         fq = authors_fpn(sd, levels, state)
         ref = authors_projector(sd, authors_decoder(sd, fq, words, attention_mask == 0), state)
     torch.testing.assert_close(out, ref, **TOL)

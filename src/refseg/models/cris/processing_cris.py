@@ -8,8 +8,11 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import Unpack
 
 from ...processing_utils import (
+    PROCESSOR_KWARGS_DEFAULTS,
+    ReferringSegmentationProcessorKwargs,
     ReferringSegmentationProcessorMixin,
     _as_target_sizes,
     load_clip_parts,
@@ -37,6 +40,13 @@ def resize_mask(mask: np.ndarray, size: tuple, resample: str) -> torch.Tensor:
     if resample == "bilinear":
         return F.interpolate(array, size=size, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
     return F.interpolate(array, size=size, mode="nearest-exact")[0, 0]
+
+
+class CrisProcessorKwargs(ReferringSegmentationProcessorKwargs, total=False):
+    """Typed keyword arguments of `CrisProcessor.__call__`: tokenizer arguments and `return_tensors` (every
+    expression padded and truncated to the processor's `word_length`)."""
+
+    _defaults = PROCESSOR_KWARGS_DEFAULTS
 
 
 class CrisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
@@ -77,6 +87,7 @@ class CrisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
     ```
     """
 
+    kwargs_class = CrisProcessorKwargs
     # model config fields the training script passes to `from_backbones` (refseg.training.modeling)
     config_fields = ("word_length", "threshold", "resize_mode", "mask_resample")
 
@@ -124,7 +135,7 @@ class CrisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
                    word_length=word_length, threshold=threshold, resize_mode=resize_mode,
                    mask_resample=mask_resample)
 
-    def __call__(self, images=None, text=None, masks=None, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, masks=None, **kwargs: Unpack[CrisProcessorKwargs]) -> BatchFeature:
         """Encode image-text pairs (and masks).
 
         Args:
@@ -133,7 +144,8 @@ class CrisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
             text (`str` or list): the referring expressions.
             masks (*optional*): one ground-truth mask per pair, each of its image's size.
             return_tensors (`str`, *optional*, defaults to `"pt"`).
-            **kwargs: passed to the tokenizer (padding and length are fixed by `word_length`).
+            **kwargs: `CrisProcessorKwargs`: tokenizer arguments, flat or as `text_kwargs` (padding and length
+                are fixed by `word_length`).
 
         Returns:
             `BatchFeature` with `pixel_values` (B, 3, S, S), `input_ids` and `attention_mask` (B, word_length),
@@ -141,11 +153,8 @@ class CrisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
             given (0/1, or soft at the edges with `mask_resample="bilinear"`); S = `image_size`, B = number of
             pairs.
         """
+        text_kwargs, return_tensors = self.tokenizer_kwargs(kwargs, word_length=self.word_length)
         inputs = self.prepare_referring_inputs(images, text, masks)
-        for name in ("padding", "truncation", "max_length"):
-            if name in kwargs:
-                raise ValueError(f"`{name}` is fixed by the processor's `word_length` ({self.word_length})")
-        text_kwargs = dict(padding="max_length", truncation=True, max_length=self.word_length, **kwargs)
         if self.resize_mode == "stretch" and (inputs.masks is None or self.mask_resample == "nearest"):
             return self.encode_square_pairs(inputs, return_tensors, **text_kwargs)
         if self.resize_mode == "stretch":
@@ -225,4 +234,4 @@ class CrisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
         return ["pixel_values", "input_ids", "attention_mask"]
 
 
-__all__ = ["CrisProcessor", "letterbox_geometry", "resize_mask"]
+__all__ = ["CrisProcessor", "CrisProcessorKwargs", "letterbox_geometry", "resize_mask"]
