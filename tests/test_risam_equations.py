@@ -598,3 +598,23 @@ def test_text_padding_is_never_attended(backbones, reading, place):
         assert torch.equal(model(**changed).logits, out)
         changed["input_ids"][1, 2] = 17  # a real word: seen
         assert (model(**changed).logits[1] - out[1]).abs().max() > 1e-4
+
+
+def test_the_two_choices_validate_round_trip_and_reach_the_modules(backbones):
+    from refseg import RisamConfig
+    from refseg.presets import get_config
+
+    tiny = get_config("risam-tiny")
+    for kwargs, field in [({"relevance_mask_reading": "inverted"}, "relevance_mask_reading"),
+                          ({"word_position_encoding": "pixels"}, "word_position_encoding")]:
+        with pytest.raises(ValueError, match=field):
+            RisamConfig(sam_config=tiny.sam_config, clip_config=tiny.clip_config, **{**HEADS, **kwargs})
+    for reading in READINGS:
+        for place in PLACES:
+            config = RisamConfig(sam_config=tiny.sam_config, clip_config=tiny.clip_config, **HEADS,
+                                 relevance_mask_reading=reading, word_position_encoding=place)
+            again = RisamConfig.from_dict(config.to_dict())
+            assert (again.relevance_mask_reading, again.word_position_encoding) == (reading, place)
+            model = RisamModel(config)
+            assert [block.reading for block in model.mutual_attention] == [reading, reading]
+            assert model.mask_decoder.word_positions == (place == "decoder")
