@@ -64,15 +64,16 @@ def _masked_softmax(scores: torch.Tensor, masked: torch.Tensor, dim: int = -1) -
 
 
 def relevance_masks(scores: torch.Tensor, word_mask: torch.Tensor, threshold: Optional[float],
-                    reading: str = "printed"):
+                    reading: str = "tau_account"):
     """The attention masks of eq. 4 for both branches of a Mutual-Aware Attention block.
 
     Args:
         scores (`torch.Tensor` of shape `(B, L_v, L_t)`): s = Z_v Z_l^T / sqrt(C).
         word_mask (`torch.BoolTensor` of shape `(B, L_t)`): True for real tokens, False for padding.
         threshold (`float` or `None`): tau. `None` masks the padding only.
-        reading (`str`): `"printed"`: a pair is irrelevant, and masked, where sigma(-s) >= tau (eq. 4 as
-            printed); `"tau_account"`: where sigma(s) < tau (the reading the paper's account of tau needs).
+        reading (`str`): `"tau_account"` (the default, `RisamConfig.relevance_mask_reading`): a pair is
+            irrelevant, and masked, where sigma(s) < tau (the reading the paper's account of tau needs);
+            `"printed"`: where sigma(-s) >= tau (eq. 4 as printed).
 
     Returns:
         `(vision_masked, language_masked)`: bool, True = excluded. `vision_masked` (B, L_v, L_t) for the
@@ -113,7 +114,7 @@ class RisamMutualAwareAttention(nn.Module):
     """
 
     def __init__(self, vision_dim: int, text_dim: int, hidden_size: int, threshold: Optional[float],
-                 reading: str = "printed"):
+                 reading: str = "tau_account"):
         super().__init__()
         self.vision_proj = nn.Linear(vision_dim, hidden_size, bias=False)  # W_v
         self.text_proj = nn.Linear(text_dim, hidden_size, bias=False)  # W_l
@@ -121,7 +122,7 @@ class RisamMutualAwareAttention(nn.Module):
         self.text_norm = nn.LayerNorm(hidden_size)
         self.scale = 1.0 / math.sqrt(hidden_size)
         self.threshold = threshold
-        self.reading = reading  # of eq. 4: "printed" or "tau_account" (`relevance_masks`)
+        self.reading = reading  # of eq. 4: "tau_account" or "printed" (`relevance_masks`)
 
     def forward(self, visual: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor):
         """`visual` (B, L_v, C_v), `words` (B, L_t, C_t), `word_mask` (B, L_t) bool -> (F_lav (B, L_v, C),
