@@ -42,3 +42,18 @@ def test_layer_counts_follow_the_config_and_the_paper_preset():
 def test_attention_heads_must_divide_the_width():
     with pytest.raises(ValueError, match="num_heads"):
         PromptRisAttention(8, 8, hidden_size=10, num_heads=4)
+
+
+def test_a_decoder_layer_without_feed_forward_block_is_the_two_cross_attentions():
+    """`ffn_dim=0`: eq. 1 alone (both residual cross-attentions), no feed-forward module built or run."""
+    from refseg.models.prompt_ris.modeling_prompt_ris_heads import PromptRisDecoderLayer
+
+    torch.manual_seed(0)
+    layer = PromptRisDecoderLayer(hidden_size=8, num_heads=2, ffn_dim=0).double()
+    assert layer.vision_ffn is None and layer.text_ffn is None
+    pixels, words = torch.randn(2, 6, 8, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    out_pixels, out_words = layer(pixels, words, mask)
+    v, t = layer.vision_norm(pixels), layer.text_norm(words)
+    torch.testing.assert_close(out_pixels, pixels + layer.vision_cross_attn(v, t, t, mask), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out_words, words + layer.text_cross_attn(t, v, v), rtol=0, atol=1e-12)

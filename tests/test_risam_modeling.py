@@ -187,7 +187,7 @@ def test_relevance_mask_of_eq4_on_a_hand_built_case():
                            [2.0, 0.5, -0.5, -3.0]])  # pixel 2
     scores = torch.stack([scores, scores])
     word_mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    vision, language = relevance_masks(scores, word_mask, 0.5)
+    vision, language = relevance_masks(scores, word_mask, 0.5, "printed")  # eq. 4 as printed
     assert vision.dtype == language.dtype == torch.bool
     assert vision.shape == (2, 3, 4) and language.shape == (2, 4, 3)
     T, F_ = True, False
@@ -205,12 +205,12 @@ def test_relevance_mask_of_eq4_on_a_hand_built_case():
     assert language[0, :3].tolist() == language[1, :3].tolist()  # real words: the same in both samples
     # the direction of eq. 4 at the paper's tau = 0.35: sigmoid(-0.7) = 0.332 kept, sigmoid(-0.6) = 0.354 masked
     vision, language = relevance_masks(torch.tensor([[[0.7, 0.6, 3.0, -1.0], [3.0, 3.0, 3.0, 3.0]]]),
-                                       torch.ones(1, 4, dtype=torch.bool), 0.35)
+                                       torch.ones(1, 4, dtype=torch.bool), 0.35, "printed")
     assert vision[0].tolist() == [[F_, T, F_, T], [F_, F_, F_, F_]]
     assert language[0].tolist() == [[F_, F_], [T, F_], [F_, F_], [T, F_]]
 
     # threshold None (Table 3's "w/o attn. mask"): padding only
-    vision, language = relevance_masks(scores, word_mask, None)
+    vision, language = relevance_masks(scores, word_mask, None, "printed")
     assert torch.equal(vision, ~word_mask[:, None, :].expand(2, 3, 4))
     assert not language.any()
 
@@ -219,14 +219,14 @@ def test_relevance_mask_of_eq4_on_a_hand_built_case():
     random_scores = torch.randn(3, 20, 6, generator=generator) * 3
     random_words = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
     for tau in (1e-6, 0.35, 0.9, 1 - 1e-6, None):
-        vision, language = relevance_masks(random_scores, random_words, tau)
+        vision, language = relevance_masks(random_scores, random_words, tau, "printed")
         assert not vision.all(-1).any() and not language.all(-1).any()
         assert vision[~random_words[:, None, :].expand(3, 20, 6)].all()  # padding: masked in every pixel row
 
 
 def test_a_fully_masked_row_gives_finite_outputs_and_gradients(backbones):
     torch.manual_seed(0)
-    block = RisamMutualAwareAttention(16, 12, 16, threshold=1e-6)
+    block = RisamMutualAwareAttention(16, 12, 16, threshold=1e-6, reading="printed")
     visual = torch.randn(2, 10, 16, requires_grad=True)
     words = torch.randn(2, 5, 12, requires_grad=True)
     word_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -240,7 +240,7 @@ def test_a_fully_masked_row_gives_finite_outputs_and_gradients(backbones):
     assert visual.grad.abs().sum() > 0 and words.grad[0, :3].abs().sum() > 0
 
     # the whole model with that threshold: finite logits, loss and gradients
-    model = small_model(backbones, relevance_threshold=1e-6).train()
+    model = small_model(backbones, relevance_threshold=1e-6, relevance_mask_reading="printed").train()
     out = model(**model_inputs(), labels=box_labels())
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
     out.loss.backward()

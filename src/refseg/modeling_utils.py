@@ -91,10 +91,11 @@ def check_text_inputs(input_ids: torch.Tensor, attention_mask: Optional[torch.Te
 
 def sine_positions_1d(length: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:
     """Fixed sine encoding of `length` positions (Vaswani et al.): (length, dim), sin on even channels,
-    cos on odd ones."""
-    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    frequency = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    encoding = torch.zeros(length, dim, device=device)
+    cos on odd ones. Computed in float32, or in float64 when `dtype` is float64."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    position = torch.arange(length, device=device, dtype=work)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, device=device, dtype=work) * (-math.log(10000.0) / dim))
+    encoding = torch.zeros(length, dim, device=device, dtype=work)
     encoding[:, 0::2] = torch.sin(position * frequency)
     encoding[:, 1::2] = torch.cos(position * frequency)
     return encoding.to(dtype or torch.float32)

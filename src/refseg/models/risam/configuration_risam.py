@@ -11,6 +11,10 @@ logger = logging.getLogger(__name__)
 TRAINING_STAGES = ("default",)
 # [SOS] and [EOS] plus at least one word.
 MIN_WORD_LENGTH = 3
+# The two readings of eq. 4 (`relevance_mask_reading`) and the two places of the word positional encoding
+# (`word_position_encoding`); the first of each is the default (docs/risam.md: the measurement behind it).
+RELEVANCE_MASK_READINGS = ("tau_account", "printed")
+WORD_POSITION_ENCODINGS = ("text_features", "decoder")
 
 
 def default_feature_layers(global_attn_indexes) -> list:
@@ -50,7 +54,21 @@ class RisamConfig(PreTrainedConfig):
         relevance_threshold (`float`, *optional*, defaults to 0.35):
             tau of eq. 4: a pixel-word pair whose relevance sigma(-s) is >= tau, i.e. whose scaled similarity s
             is <= log((1 - tau) / tau), is masked out of both attentions. `None` disables the relevance mask
-            (Table 3's "w/o attn. mask"); text padding is masked always.
+            (Table 3's "w/o attn. mask"); text padding is masked always. Which pairs count as irrelevant
+            depends on `relevance_mask_reading`.
+        relevance_mask_reading (`str`, *optional*, defaults to `"tau_account"`):
+            How eq. 4 is read. `"tau_account"`: as the paper's account of tau requires (Sec. 4.5.1, Fig. 8: a
+            small tau lets irrelevant pairs through, a large one masks needed ones), the relevance is sigma(s)
+            and a pair is masked where sigma(s) < tau (pairs with s < log(tau / (1 - tau)) = -0.62 at tau 0.35).
+            `"printed"`: eq. 4 as printed, M = 1 / (1 + e^s) = sigma(-s) and a pair is masked where M >= tau
+            (only pairs with s > log((1 - tau) / tau) = 0.62 stay): at initialisation nearly every pixel row is
+            then fully masked and falls back to no relevance mask. docs/risam.md gives the RefShapes
+            measurement behind the default.
+        word_position_encoding (`str`, *optional*, defaults to `"text_features"`):
+            Where the fixed 1-D sine encoding of the word positions goes. `"text_features"`: added once to the
+            text features F_l before the first Mutual-Aware Attention block, width C' (the authors' overview
+            figure, Fig. 3); the decoder then adds none. `"decoder"`: added to the queries and keys of eq. 8
+            and to the keys of eq. 9 (as DETR and SAM add theirs), width `hidden_size`.
         decoder_num_layers (`int`, *optional*, defaults to 2):
             Mutual-Aware Mask Decoder blocks (eqs. 6-9). The paper stacks blocks without giving the number; 2
             matches SAM's two-way transformer, the decoder it replaces.
@@ -100,6 +118,8 @@ class RisamConfig(PreTrainedConfig):
     hidden_size: int = 256
     num_mutual_attention_blocks: int = 2
     relevance_threshold: float | None = 0.35
+    relevance_mask_reading: str = "tau_account"
+    word_position_encoding: str = "text_features"
     decoder_num_layers: int = 2
     decoder_num_heads: int = 8
     decoder_mlp_dim: int = 0
@@ -178,6 +198,17 @@ class RisamConfig(PreTrainedConfig):
             raise ValueError(f"`word_length` ({self.word_length}) exceeds CLIP's {max_positions} text positions")
         if self.relevance_threshold is not None and not 0.0 < self.relevance_threshold < 1.0:
             raise ValueError(f"`relevance_threshold` must be in (0, 1) or None, got {self.relevance_threshold!r}")
+        if self.relevance_mask_reading not in RELEVANCE_MASK_READINGS:
+            raise ValueError(
+                f"`relevance_mask_reading` must be one of {RELEVANCE_MASK_READINGS}, got {self.relevance_mask_reading!r}"
+            )
+        if self.word_position_encoding not in WORD_POSITION_ENCODINGS:
+            raise ValueError(
+                f"`word_position_encoding` must be one of {WORD_POSITION_ENCODINGS}, got {self.word_position_encoding!r}"
+            )
+        text_width = self.clip_config.text_config.hidden_size
+        if self.word_position_encoding == "text_features" and text_width % 2:
+            raise ValueError(f"`word_position_encoding='text_features'` needs an even CLIP text width, got {text_width}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"`threshold` must be in (0, 1), got {self.threshold!r}")
         for name in ("focal_weight", "dice_weight", "focal_gamma"):
@@ -191,4 +222,4 @@ class RisamConfig(PreTrainedConfig):
             raise ValueError(f"`training_stage` must be one of {TRAINING_STAGES}, got {self.training_stage!r}")
 
 
-__all__ = ["MIN_WORD_LENGTH", "TRAINING_STAGES", "RisamConfig", "default_feature_layers"]
+__all__ = ["MIN_WORD_LENGTH", "RELEVANCE_MASK_READINGS", "TRAINING_STAGES", "WORD_POSITION_ENCODINGS", "RisamConfig", "default_feature_layers"]

@@ -26,6 +26,7 @@ from ...modeling_utils import (
     check_required_inputs,
     check_text_inputs,
     referring_forward,
+    sine_positions_1d,
     unique_rows,
 )
 from .configuration_risam import TRAINING_STAGES, RisamConfig
@@ -129,11 +130,13 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
         # 2. the heads
         self.feature_enhancement = RisamFeatureEnhancement(sam_width, hidden)
         self.mutual_attention = nn.ModuleList(
-            RisamMutualAwareAttention(hidden, text_width if i == 0 else hidden, hidden, config.relevance_threshold)
+            RisamMutualAwareAttention(hidden, text_width if i == 0 else hidden, hidden, config.relevance_threshold,
+                                      config.relevance_mask_reading)
             for i in range(config.num_mutual_attention_blocks)
         )
         self.mask_decoder = RisamMaskDecoder(hidden, config.decoder_num_layers, config.decoder_num_heads,
-                                             config.decoder_mlp_dim, config.upsample_hidden_sizes)
+                                             config.decoder_mlp_dim, config.upsample_hidden_sizes,
+                                             word_positions=config.word_position_encoding == "decoder")
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = config.batch_norm_momentum
@@ -254,6 +257,8 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
         visual = visual.flatten(2).transpose(1, 2)  # (B, h*w, C)
         # 2. CLIP text: F_l (B, T, C_t)
         words = self.get_word_features(input_ids, attention_mask).to(visual.dtype)
+        if self.config.word_position_encoding == "text_features":  # Fig. 3: Pos. Enc. on F_l before the blocks
+            words = words + sine_positions_1d(words.shape[1], words.shape[2], device=words.device, dtype=words.dtype)
         # 3. Mutual-Aware Attention (eqs. 3-5): F_lav (B, h*w, C), F_val (B, T, C)
         for block in self.mutual_attention:
             visual, words = block(visual, words, word_mask)

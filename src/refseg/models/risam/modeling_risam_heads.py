@@ -64,14 +64,17 @@ def _masked_softmax(scores: torch.Tensor, masked: torch.Tensor, dim: int = -1) -
     return scores.masked_fill(masked, torch.finfo(scores.dtype).min).softmax(dim=dim)
 
 
-def relevance_masks(scores: torch.Tensor, word_mask: torch.Tensor, threshold: Optional[float]):
+def relevance_masks(scores: torch.Tensor, word_mask: torch.Tensor, threshold: Optional[float],
+                    reading: str = "tau_account"):
     """The attention masks of eq. 4 for both branches of a Mutual-Aware Attention block.
 
     Args:
         scores (`torch.Tensor` of shape `(B, L_v, L_t)`): s = Z_v Z_l^T / sqrt(C).
         word_mask (`torch.BoolTensor` of shape `(B, L_t)`): True for real tokens, False for padding.
-        threshold (`float` or `None`): tau; a pair is irrelevant, and masked, where sigma(-s) >= tau. `None`
-            masks the padding only.
+        threshold (`float` or `None`): tau. `None` masks the padding only.
+        reading (`str`): `"tau_account"` (the default, `RisamConfig.relevance_mask_reading`): a pair is
+            irrelevant, and masked, where sigma(s) < tau (the reading the paper's account of tau needs);
+            `"printed"`: where sigma(-s) >= tau (eq. 4 as printed).
 
     Returns:
         `(vision_masked, language_masked)`: bool, True = excluded. `vision_masked` (B, L_v, L_t) for the
@@ -84,8 +87,12 @@ def relevance_masks(scores: torch.Tensor, word_mask: torch.Tensor, threshold: Op
     padding = ~word_mask[:, None, :]  # (B, 1, L_t)
     if threshold is None:
         irrelevant = torch.zeros_like(scores, dtype=torch.bool)
+    elif reading == "printed":
+        irrelevant = torch.sigmoid(-scores) >= threshold  # eq. 4 as printed: M = 1 / (1 + e^s), masked where M >= tau
+    elif reading == "tau_account":
+        irrelevant = torch.sigmoid(scores) < threshold  # relevance sigma(s), masked where below tau
     else:
-        irrelevant = torch.sigmoid(-scores) >= threshold  # eq. 4
+        raise ValueError(f"unknown relevance mask reading {reading!r}")
     vision = irrelevant | padding
     vision = torch.where(vision.all(dim=-1, keepdim=True), padding.expand_as(vision), vision)
     language = irrelevant.transpose(1, 2)
@@ -107,7 +114,8 @@ class RisamMutualAwareAttention(GradientCheckpointingLayer):
     regions for each word").
     """
 
-    def __init__(self, vision_dim: int, text_dim: int, hidden_size: int, threshold: Optional[float]):
+    def __init__(self, vision_dim: int, text_dim: int, hidden_size: int, threshold: Optional[float],
+                 reading: str = "tau_account"):
         super().__init__()
         self.vision_proj = nn.Linear(vision_dim, hidden_size, bias=False)  # W_v
         self.text_proj = nn.Linear(text_dim, hidden_size, bias=False)  # W_l
@@ -115,13 +123,14 @@ class RisamMutualAwareAttention(GradientCheckpointingLayer):
         self.text_norm = nn.LayerNorm(hidden_size)
         self.scale = 1.0 / math.sqrt(hidden_size)
         self.threshold = threshold
+        self.reading = reading  # of eq. 4: "tau_account" or "printed" (`relevance_masks`)
 
     def forward(self, visual: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor):
         """`visual` (B, L_v, C_v), `words` (B, L_t, C_t), `word_mask` (B, L_t) bool -> (F_lav (B, L_v, C),
         F_val (B, L_t, C))."""
         z_v, z_l = self.vision_proj(visual), self.text_proj(words)
         scores = torch.matmul(z_v, z_l.transpose(1, 2)) * self.scale  # (B, L_v, L_t)
-        vision_masked, language_masked = relevance_masks(scores, word_mask, self.threshold)
+        vision_masked, language_masked = relevance_masks(scores, word_mask, self.threshold, self.reading)
         vision_attention = _masked_softmax(scores, vision_masked)  # (B, L_v, L_t), each pixel over the words
         language_attention = _masked_softmax(scores.transpose(1, 2), language_masked)  # (B, L_t, L_v)
         language_aware_visual = self.vision_norm(torch.matmul(vision_attention, z_l) + z_v)  # eq. 5
@@ -158,8 +167,10 @@ class RisamDecoderLayer(GradientCheckpointingLayer):
 
     eq. 6: F^_lav = MHSA(F_lav) + F_lav;  eq. 8: F^_c = MHSA([F_m, F_val]) + [F_m, F_val];
     eq. 9: F-_lav = MHCA(F^_lav, F^_c, F^_c) + F^_lav.
-    The words' positional encodings are added to the queries and keys of eq. 8 and to the keys of eq. 9
-    (as DETR and SAM add theirs); the query token's encoding is zero. Departure: each residual is followed
+    The words' positional encodings (`token_pos`) are added to the queries and keys of eq. 8 and to the keys
+    of eq. 9 (as DETR and SAM add theirs); the query token's encoding is zero. With
+    `word_position_encoding="text_features"` the decoder gets zero encodings (the words got theirs before
+    the Mutual-Aware Attention). Departure: each residual is followed
     by a LayerNorm (the eqs. have none; DETR/Mask2Former and SAM's decoder, which the paper builds on, all
     normalise there), and an optional feed-forward block (`decoder_mlp_dim`, off by default) follows eq. 9.
     """
@@ -200,9 +211,11 @@ class RisamMaskDecoder(nn.Module):
     C -> the last upsampling width.
     """
 
-    def __init__(self, hidden_size: int, num_layers: int, num_heads: int, mlp_dim: int, upsample_sizes):
+    def __init__(self, hidden_size: int, num_layers: int, num_heads: int, mlp_dim: int, upsample_sizes,
+                 word_positions: bool = True):
         super().__init__()
         first, last = upsample_sizes
+        self.word_positions = word_positions  # add the words' sine encodings in eqs. 8-9 (False: none here)
         self.query_token = nn.Embedding(1, hidden_size)
         self.layers = nn.ModuleList(RisamDecoderLayer(hidden_size, num_heads, mlp_dim) for _ in range(num_layers))
         self.upsample = nn.Sequential(
@@ -220,6 +233,8 @@ class RisamMaskDecoder(nn.Module):
         tokens = torch.cat([query, words], dim=1)  # F_c = [F_m, F_val]
         token_mask = torch.cat([word_mask.new_ones(batch, 1), word_mask], dim=1)
         word_pos = sine_positions_1d(words.shape[1], width, device=words.device, dtype=words.dtype)
+        if not self.word_positions:
+            word_pos = torch.zeros_like(word_pos)
         token_pos = torch.cat([word_pos.new_zeros(1, width), word_pos], dim=0)[None]
         for layer in self.layers:
             pixels, tokens = layer(pixels, tokens, token_pos, token_mask)
