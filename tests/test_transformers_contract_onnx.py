@@ -47,7 +47,7 @@ def build_tiny(method, backbones, seed=0):
                            **{name: str(backbones[name]) for name in spec.backbones})
     torch.manual_seed(seed)
     model, processor = build_model_and_processor(spec, args)
-    randomise_parameters(model, seed=seed, std=0.05)
+    randomise_parameters(model, seed=seed, std=0.2)
     return model.eval(), processor
 
 
@@ -146,3 +146,16 @@ def test_export_refuses_a_batch_of_one(saved_tiny, tmp_path):
     with pytest.raises(ValueError, match="lack"):
         export_model(model, tmp_path / "m.onnx", {"pixel_values": inputs["pixel_values"]})
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_benchmark_times_onnxruntime_against_pytorch(tiny_backbones):
+    import benchmark  # scripts/benchmark.py
+
+    result = benchmark.main(["--preset", "cris-tiny", "--clip", str(tiny_backbones["clip"]), "--image_size", "64",
+                             "--batch_size", "2", "--steps", "1", "--warmup", "0", "--skip_training", "--onnx",
+                             "--module_shares", "neck"])
+    assert result["onnxruntime_forward_s"] > 0
+    assert result["ratio forward[onnxruntime]/forward[pytorch]"] == pytest.approx(
+        result["onnxruntime_forward_s"] / result["inference_forward_s"])
+    assert result["max_abs_logit_difference[onnxruntime]"] < ATOL

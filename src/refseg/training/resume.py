@@ -7,6 +7,10 @@
 - `rng_state_<rank>.json` / `.safetensors`: Python, NumPy and torch generator states per process.
 No file is unpickled beyond `torch.load(weights_only=True)`.
 
+Under FSDP (`is_sharded`: the parameters are `DTensor` shards) the files are the same: every process
+calls `gather_main_state` (the shards are gathered into whole tensors) and the main process writes them;
+`load_state` has each process read the whole tensors and keep its own shard.
+
 Reading is two-phase: `read_checkpoint_files` loads and checks every file first (a file that does
 not read back raises `CorruptCheckpointError` naming it), and only then are the model, optimizer,
 scheduler and generators changed, so a corrupt checkpoint leaves the run untouched.
@@ -25,7 +29,11 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+try:  # FSDP2 shards (torch >= 2.5 with distributed support); without them no model is sharded
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = distribute_tensor = None
 
 from .checkpointing import CorruptCheckpointError, list_checkpoints, read_state, resolve_checkpoint, verify_checkpoint
 
@@ -39,12 +47,12 @@ SCHEDULER_FILE = "scheduler.json"
 def is_sharded(model) -> bool:
     """Whether `model`'s parameters are FSDP2 shards (`DTensor`s): its checkpoint state must be gathered by
     every process (`gather_main_state`) and is scattered back on loading."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP shard (a collective: every process calls it, in the same order)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if DTensor is not None and isinstance(tensor, DTensor) else tensor
 
 
 def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
