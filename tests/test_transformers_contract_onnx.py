@@ -159,3 +159,38 @@ def test_benchmark_times_onnxruntime_against_pytorch(tiny_backbones):
     assert result["ratio forward[onnxruntime]/forward[pytorch]"] == pytest.approx(
         result["onnxruntime_forward_s"] / result["inference_forward_s"])
     assert result["max_abs_logit_difference[onnxruntime]"] < ATOL
+
+
+@pytest.mark.slow
+def test_clipseg_baseline_exports_with_dynamic_axes(tiny_backbones, tmp_path, capsys):
+    """The stock CLIPSeg behind refseg's contract (a folder as `CIDAS/clipseg-rd64-refined` is laid out)."""
+    from test_baselines_clipseg import save_stock_clipseg
+
+    folder = save_stock_clipseg(tmp_path / "clipseg", tiny_backbones["clip"])
+    difference = export_onnx.main(["--model", str(folder), "--output", str(tmp_path / "clipseg.onnx"), "--check",
+                                   "--no_optimize"])
+    print(json.dumps({"method": "clipseg", "max_abs_difference": difference}))
+    assert difference < ATOL
+    assert [i.name for i in onnx_session(tmp_path / "clipseg.onnx").get_inputs()] == [
+        "pixel_values", "input_ids", "attention_mask"]
+
+
+def test_a_graph_with_a_fixed_batch_or_word_length_is_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from refseg.onnx_export import check_dynamic_axes
+
+    def write(ids_shape):
+        ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ids_shape)
+        out = helper.make_tensor_value_info("logits", TensorProto.INT64, ids_shape)
+        graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "g", [ids], [out])
+        path = tmp_path / f"{'x'.join(map(str, ids_shape))}.onnx"
+        onnx.save(helper.make_model(graph), path)
+        return path
+
+    check_dynamic_axes(write(["batch", "sequence"]))
+    with pytest.raises(ValueError, match=r"axis \[0\] of `input_ids`"):
+        check_dynamic_axes(write([2, "sequence"]))
+    with pytest.raises(ValueError, match=r"axis \[1\] of `input_ids`"):
+        check_dynamic_axes(write(["batch", 7]))

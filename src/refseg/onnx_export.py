@@ -135,12 +135,28 @@ def export_onnx(model: nn.Module, path, example_inputs: Mapping, *, opset: Optio
     path.parent.mkdir(parents=True, exist_ok=True)
     with exportable(model), torch.no_grad():
         torch.onnx.export(
-            LogitsOnly(model), (), os.fspath(path), kwargs=inputs, dynamo=True,
+            LogitsOnly(model).eval(), (), os.fspath(path), kwargs=inputs, dynamo=True,
             dynamic_shapes=dynamic_shapes(model, inputs), input_names=list(inputs),
             output_names=list(ONNX_OUTPUT_NAMES), opset_version=opset, optimize=optimize,
             external_data=external_data, verbose=False,
         )
+    check_dynamic_axes(path)
     return path
+
+
+def check_dynamic_axes(path) -> None:
+    """`ValueError` unless every graph input has a symbolic batch and the text inputs a symbolic word length:
+    the exporter may fix a size the model's code compares with a number, without failing."""
+    import onnx
+
+    graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        axes = (0, 1) if value.name in TEXT_INPUTS else (0,)
+        fixed = [axis for axis in axes if not dims[axis].dim_param]
+        if fixed:
+            raise ValueError(f"the exported graph fixes axis {fixed} of `{value.name}` "
+                             f"({[d.dim_param or d.dim_value for d in dims]}): the model's code specialises it")
 
 
 def onnx_session(path, *, threads: Optional[int] = None):
@@ -184,6 +200,7 @@ __all__ = [
     "ONNX_INPUT_NAMES",
     "ONNX_OUTPUT_NAMES",
     "LogitsOnly",
+    "check_dynamic_axes",
     "dynamic_shapes",
     "export_onnx",
     "exportable",

@@ -38,6 +38,7 @@ from transformers import CLIPModel, CLIPSegConfig, CLIPSegForImageSegmentation, 
 
 from ..adapters.io import adapter_state_dict, load_adapter_state_dict
 from ..modeling_outputs import ReferringSegmentationOutput
+from ..modeling_utils import is_exporting
 from ..processing_utils import load_clip_parts
 from .wrapping import StockProcessorWrapper
 
@@ -124,6 +125,13 @@ class ClipsegReferringModel(CLIPSegForImageSegmentation):
         """
         if labels is not None:
             labels = labels.to(pixel_values.dtype)
+        if is_exporting() and "conditional_embeddings" not in kwargs:
+            # the stock text path checks `len(input_ids)`, which fixes the batch of an exported graph: the same
+            # text features, handed in
+            with torch.no_grad():
+                kwargs["conditional_embeddings"] = self.clip.get_text_features(
+                    input_ids, attention_mask=attention_mask).pooler_output
+            input_ids = attention_mask = None
         outputs = super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                   labels=labels, **kwargs)
         logits = outputs.logits
