@@ -194,3 +194,21 @@ def test_a_graph_with_a_fixed_batch_or_word_length_is_refused(tmp_path):
         check_dynamic_axes(write([2, "sequence"]))
     with pytest.raises(ValueError, match=r"axis \[1\] of `input_ids`"):
         check_dynamic_axes(write(["batch", 7]))
+
+
+def test_risclip_torch_export_accepts_every_word_length(saved_tiny):
+    """`torch.export` itself (no ONNX) with the graph's dynamic axes: RISCLIP's fusion attention must not branch
+    on the word length (`FusionAttention.folds_keys`), or the export is refused for the lengths past the branch
+    (torch.onnx.export recovers from that on its own, so the ONNX tests above cannot see it)."""
+    from refseg.onnx_export import LogitsOnly, dynamic_shapes, graph_inputs
+
+    model, processor, _ = saved_tiny("risclip")
+    inputs = graph_inputs(model, export_onnx.processor_inputs(processor, export_onnx.EXPORT_TEXTS))
+    with exportable(model), torch.no_grad():
+        program = torch.export.export(LogitsOnly(model).eval(), (), kwargs=inputs,
+                                      dynamic_shapes=dynamic_shapes(model, inputs), strict=False)
+        longest = max_text_positions(model)
+        ids = torch.randint(1, 40, (3, longest))
+        other = {**graph_inputs(model, export_onnx.processor_inputs(processor, export_onnx.CHECK_TEXTS)),
+                 "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        assert torch.allclose(program.module()(**other), model(**other).logits, atol=1e-5)
