@@ -26,7 +26,9 @@ tests assert no timing; the numbers are for docs/training.md and for comparing c
 `--module_shares` times the share of one inference forward spent in named submodules (forward hooks;
 default `MODULE_SHARES[method]`), `--dtypes float32,bfloat16` also times the forward of a copy cast whole
 to each dtype (with its largest logit difference from float32), `--stages` / `--skip_training` choose the
-training steps timed, `--warmup` the untimed calls before each measurement (3).
+training steps timed, `--warmup` the untimed calls before each measurement (3). `--onnx` also exports the model to ONNX
+(`refseg.onnx_export`, as scripts/export_onnx.py does) and times onnxruntime's CPU forward on the same inputs
+with as many threads as PyTorch, against PyTorch's (with the largest logit difference between the two).
 """
 
 import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
@@ -81,6 +83,8 @@ def parse_args(argv=None):
                    help="comma-separated AdamW implementations to time (refseg.training.optim.IMPLEMENTATIONS)")
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="also time each stage's training step, and its peak memory, with gradient checkpointing on")
+    p.add_argument("--onnx", action="store_true",
+                   help="also time the ONNX export of the model under onnxruntime (needs refseg[onnx])")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p.parse_args(argv)
@@ -197,6 +201,22 @@ def timed(fn, steps, warmup=3):
     for _ in range(steps):
         fn()
     return (time.perf_counter() - start) / steps
+
+
+def onnx_timings(model, inputs, forward_s, reference, steps, warmup) -> dict:
+    """onnxruntime's forward of `model`'s ONNX export on `inputs` (seconds, its ratio to PyTorch's `forward_s`,
+    its largest logit difference from `reference`), with PyTorch's thread count."""
+    from refseg.onnx_export import export_onnx, graph_inputs, onnx_session, run_onnx
+
+    inputs = graph_inputs(model, inputs)
+    example = inputs if inputs["pixel_values"].shape[0] > 1 else {k: torch.cat([v, v]) for k, v in inputs.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, f"{tmp}/model.onnx", example)
+        session = onnx_session(path, threads=torch.get_num_threads())
+    onnx_s = timed(lambda: run_onnx(session, inputs), steps, warmup)
+    difference = float(np.abs(run_onnx(session, inputs) - reference.numpy()).max())
+    return {"onnxruntime_forward_s": onnx_s, "ratio forward[onnxruntime]/forward[pytorch]": onnx_s / forward_s,
+            "max_abs_logit_difference[onnxruntime]": difference}
 
 
 def main(argv=None):
@@ -329,6 +349,8 @@ def main(argv=None):
                 difference = (cast(**cast_inputs).logits.float() - reference).abs().max().item()
                 results[f"max_abs_logit_difference[{name}]"] = difference
                 del cast
+            if args.onnx:
+                results.update(onnx_timings(model, inputs, forward_s, reference, steps, warmup))
     first, *rest = spec.stages
     if len(implementations) > 1:
         for stage in stages:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from train_args import parse_args
@@ -40,9 +40,10 @@ from refseg.data import RandomAffineSaturation
 from refseg.training.data import load_eval_splits, load_train_split, resolve_split_by
 from refseg.training.distributed import convert_sync_batch_norm
 from refseg.training.evaluation import write_eval_results
-from refseg.training.modeling import build_model_and_processor, stage_parameters
+from refseg.training.modeling import (build_model_and_processor, prepare_scalars_for_fsdp, scalar_shapes_restored,
+                                     stage_parameters)
 from refseg.training.optim import build_optimizer, resolve_gradient_accumulation
-from refseg.training.resume import restore_checkpoint, write_main_state, write_rng_state
+from refseg.training.resume import gather_main_state, is_sharded, restore_checkpoint, write_main_state, write_rng_state
 from refseg.training.samples import build_train_data, forward_input_names, get_train_sampler
 from refseg.training.schedules import parse_stage_learning_rates, parse_stages
 
@@ -158,6 +159,8 @@ def main(argv=None):
         scope=args.lr_schedule_scope,
         # a rate for a stage this run skips (e.g. `--stages locator:N` on the quickstart config) is unused
         stage_scales={name: rate / args.learning_rate for name, rate in stage_rates.items() if name in plan.names}))
+    if accelerator.distributed_type == DistributedType.FSDP:  # FSDP2 shards no 0-d parameter (CLIP's logit_scale)
+        prepare_scalars_for_fsdp(model, params)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
@@ -197,8 +200,10 @@ def main(argv=None):
 
     def checkpoint_now(step):
         def write(tmp):
+            # FSDP: every process hands in its shards, the main process writes whole tensors
+            gathered = gather_main_state(raw_model, optimizer) if is_sharded(raw_model) else None
             if accelerator.is_main_process:
-                write_main_state(tmp, model=raw_model, optimizer=optimizer, scheduler=scheduler)
+                write_main_state(tmp, model=raw_model, optimizer=optimizer, scheduler=scheduler, gathered=gathered)
             write_rng_state(tmp, accelerator.process_index)
 
         epoch, position = divmod(step, updates_per_epoch)
@@ -262,9 +267,12 @@ def main(argv=None):
         results = run_evaluation(accelerator, model, processor, eval_sets, args, global_step, final_output,
                                  data_args.dataloader_num_workers)
         track_best(results, global_step)
+    state_dict = None
+    if is_sharded(raw_model):  # FSDP: every process hands in its shards
+        state_dict = scalar_shapes_restored(accelerator.get_state_dict(model), raw_model)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        raw_model.save_pretrained(output_dir)
+        raw_model.save_pretrained(output_dir, state_dict=state_dict)
         processor.save_pretrained(output_dir)
         write_eval_results(output_dir / "eval_results.json", results, dataset=data_args.dataset,
                            split_by=resolve_split_by(data_args), scored_output=final_output, global_step=global_step)

@@ -16,6 +16,12 @@ The API endpoint `/segment` takes `(image, text)` and optionally `threshold`; `t
 expression per line. It returns the `gr.AnnotatedImage` value (the image and one mask per
 expression, labelled "<expression> (<score>)") and a Markdown summary.
 
+Hardware: the model runs on the GPU when `torch.cuda.is_available()` (`inference_device`), else on
+the CPU. On ZeroGPU hardware (Hugging Face's shared GPUs, which lend a GPU to each decorated call) the
+`spaces` package is installed by the Space itself; the request handler `segment_request` is then
+wrapped in `spaces.GPU`, and elsewhere left as it is (`gpu_decorator`). `spaces` is imported first, as
+ZeroGPU asks, and is never required.
+
 State: the loaded pipeline is cached read-only for all visitors (`load_segmenter`); each visitor's
 history lives in a `gr.State`. Nothing else is module-level and mutable.
 
@@ -28,6 +34,11 @@ expressions are segmented per request. Files: the app serves only what Gradio it
 upload/cache folder and the examples it copied there); no `allowed_paths` are added.
 """
 
+try:  # ZeroGPU hardware only (preinstalled there); imported before torch, as ZeroGPU asks. A name import:
+    from spaces import GPU as zero_gpu  # a folder named `spaces` on the path (this repository's) is not it
+except ImportError:
+    zero_gpu = None
+
 import functools
 import os
 import tempfile
@@ -35,6 +46,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+import torch
 from PIL import Image
 
 from refseg.data import load_refs_pickle, make_refshapes
@@ -67,15 +79,26 @@ def parse_dtype(value):
     return name
 
 
+def gpu_decorator(function):
+    """`spaces.GPU(function)` where the `spaces` package is importable (ZeroGPU lends a GPU for each call),
+    else `function` unchanged."""
+    return function if zero_gpu is None else zero_gpu(function)
+
+
+def inference_device() -> str:
+    """`"cuda"` when PyTorch sees a GPU (a GPU Space; on ZeroGPU, `spaces` makes it visible), else `"cpu"`."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @functools.lru_cache(maxsize=2)
 def load_segmenter(model_path: str, dtype=None):
-    """The pipeline for `model_path` in `dtype` (a `DTYPES` name; `None`: the checkpoint's), loaded
-    once per process and only read afterwards.
+    """The pipeline for `model_path` in `dtype` (a `DTYPES` name; `None`: the checkpoint's) on
+    `inference_device()`, loaded once per process and only read afterwards.
 
     Folders exported with remote code load with refseg's own classes (no `trust_remote_code`).
     """
     loading = {} if dtype is None else {"dtype": dtype}
-    return load_pipeline(model_path, device=-1, **loading)
+    return load_pipeline(model_path, device=inference_device(), **loading)
 
 
 def parse_expressions(text) -> list[str]:
@@ -145,6 +168,16 @@ def segment_image(segmenter, image, text, threshold=None, history=None):
     return (image, annotations), summary, history
 
 
+@gpu_decorator
+def segment_request(model_path: str, dtype, image, text, threshold=None, history=None):
+    """One request of the app: `segment_image` with the cached pipeline of `model_path` in `dtype`, and the
+    session history as Markdown. The function ZeroGPU runs on a GPU: it takes only plain values (the
+    pipeline is looked up, not passed), so a ZeroGPU worker gets no model through its arguments."""
+    segmenter = load_segmenter(model_path, dtype)
+    annotated, summary, history = segment_image(segmenter, image, text, threshold, history)
+    return annotated, summary, history, format_history(history)
+
+
 def format_history(history) -> str:
     """Markdown of the session's latest results (newest first)."""
     if not history:
@@ -197,14 +230,14 @@ class DemoBlocks(gr.Blocks):
 def build_demo(model_path: str = DEFAULT_MODEL, examples_dir=None, dtype=None) -> gr.Blocks:
     """The Blocks app for the model at `model_path` (folder or Hub id) in `dtype` (a `DTYPES` name;
     `None`: the checkpoint's); loads the model now."""
-    segmenter = load_segmenter(str(model_path), parse_dtype(dtype))
+    model_path, dtype = str(model_path), parse_dtype(dtype)
+    segmenter = load_segmenter(model_path, dtype)  # loaded now (and moved to the GPU where there is one)
     default_threshold = float(getattr(segmenter.model.config, "threshold", 0.5))
     examples_dir = examples_dir or tempfile.mkdtemp(prefix="refseg-demo-examples-")
     examples = make_examples(examples_dir)
 
     def segment(image, text, threshold=default_threshold, history=None):
-        annotated, summary, history = segment_image(segmenter, image, text, threshold, history)
-        return annotated, summary, history, format_history(history)
+        return segment_request(model_path, dtype, image, text, threshold, history)
 
     with DemoBlocks(title="refseg: referring image segmentation") as demo:
         gr.Markdown(

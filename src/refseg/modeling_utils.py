@@ -274,6 +274,14 @@ class ReferringSegmentationPreTrainedModel(PreTrainedModel):
             clip_config._attn_implementation = self.config._attn_implementation
         return clip_model if clip_model is not None else CLIPModel._from_config(clip_config)
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The word embeddings: the token embedding of CLIP's text tower (the method's only vocabulary). Tools
+        look them up by this name (Accelerate's FSDP2 preparation gives them an FSDP unit of their own)."""
+        for module in self.modules():  # CLIP's text embeddings, wherever the method keeps the text tower
+            if hasattr(module, "token_embedding") and hasattr(module, "position_embedding"):
+                return module.token_embedding
+        raise NotImplementedError(f"{type(self).__name__} has no CLIP text tower")
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, then the saved training stage is re-applied (loading

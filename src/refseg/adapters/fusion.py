@@ -19,8 +19,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ..modeling_utils import is_exporting
 from .layers import AdapterModule
 
 
@@ -90,10 +92,13 @@ class FusionAttention(AdapterModule):
     def folds_keys(self, num_queries: int, num_keys: int) -> bool:
         """Whether `forward` moves the key/value projections onto the queries (`_attend_folded`): when that
         costs fewer multiply-adds, i.e. for a few queries on many keys (text tokens reading 1,600 image tokens),
-        where projecting every key dominates."""
+        where projecting every key dominates. While `torch.export` traces the model with a dynamic word length
+        (ONNX export), a branch on that size would pin the graph to the lengths on one side of it: the keys are
+        folded then only where that holds for every length the trace allows."""
         dim, heads = self.num_heads * self.head_dim, self.num_heads
         # per batch row and 1/(2D): projected keys Nk D + attention Nq Nk vs. folding Nq D + attention H Nq Nk
-        return num_keys * (dim - (heads - 1) * num_queries) > num_queries * dim
+        folds = num_keys * (dim - (heads - 1) * num_queries) > num_queries * dim
+        return statically_known_true(folds) if is_exporting() else folds
 
     def _dropout_p(self) -> float:
         return self.dropout if self.training else 0.0

@@ -31,6 +31,7 @@ N expressions is encoded N times.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -38,7 +39,7 @@ from transformers import CLIPModel, CLIPSegConfig, CLIPSegForImageSegmentation, 
 
 from ..adapters.io import adapter_state_dict, load_adapter_state_dict
 from ..modeling_outputs import ReferringSegmentationOutput
-from ..modeling_utils import PROCESSOR_ONLY_INPUTS, check_required_inputs
+from ..modeling_utils import PROCESSOR_ONLY_INPUTS, check_required_inputs, is_exporting
 from ..processing_utils import load_clip_parts
 from .wrapping import StockProcessorWrapper
 
@@ -128,13 +129,21 @@ class ClipsegReferringModel(CLIPSegForImageSegmentation):
             `ReferringSegmentationOutput` with `logits` (B, S, S), `text_embeds` (B, projection_dim) (the FiLM
             conditioning), and `loss` / `loss_dict` (`{"bce": ...}`) with `labels`.
         """
-        check_required_inputs(pixel_values, input_ids, kwargs)  # unknown inputs are an error, as for refseg's
+        # inputs neither the processor nor the stock forward knows are an error, as for refseg's models
+        check_required_inputs(pixel_values, input_ids, {k: v for k, v in kwargs.items() if k not in _STOCK_INPUTS})
         for name in PROCESSOR_ONLY_INPUTS:
             kwargs.pop(name, None)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         if labels is not None:
             labels = labels.to(pixel_values.dtype)
+        if is_exporting() and "conditional_embeddings" not in kwargs:
+            # the stock text path checks `len(input_ids)`, which fixes the batch of an exported graph: the same
+            # text features, handed in
+            with torch.no_grad():
+                kwargs["conditional_embeddings"] = self.clip.get_text_features(
+                    input_ids, attention_mask=attention_mask).pooler_output
+            input_ids = attention_mask = None
         outputs = super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                   labels=labels, output_hidden_states=output_hidden_states,
                                   output_attentions=output_attentions, return_dict=True, **kwargs)
@@ -150,6 +159,10 @@ class ClipsegReferringModel(CLIPSegForImageSegmentation):
             vision_attentions=vision.attentions,
         )
         return result if return_dict else result.to_tuple()
+
+
+# keyword inputs of the stock `CLIPSegForImageSegmentation.forward` (`conditional_embeddings`, ...)
+_STOCK_INPUTS = frozenset(inspect.signature(CLIPSegForImageSegmentation.forward).parameters) - {"self", "kwargs"}
 
 
 class ClipsegReferringProcessor(StockProcessorWrapper):

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..metrics import intersection_union, summarize_counts
+from .resume import is_sharded
 from .samples import ProcessorCollator, shard_indices
 
 logger = logging.getLogger(__name__)
@@ -42,17 +43,25 @@ def predict_counts(model, processor, samples, *, accelerator, batch_size=8, num_
     """Per-sample integer (index, intersection, union) rows of this process's shard.
 
     `model` must be the unwrapped module: processes may run different numbers of batches, and a
-    DDP-wrapped forward would wait for the others. `output` names the field scored (`select_output`).
+    DDP-wrapped forward would wait for the others. An FSDP-sharded model gathers its weights in every
+    forward, so all processes must run as many: a shorter shard is padded with repeats of its first
+    sample (a process without any, the split's first), whose rows are dropped. `output` names the field
+    scored (`select_output`).
     """
     rank, world = accelerator.process_index, accelerator.num_processes
-    subset = Subset(samples, shard_indices(len(samples), rank, world))
+    indices = shard_indices(len(samples), rank, world)
+    num_real = len(indices)
+    if world > 1 and len(samples) and is_sharded(model):
+        longest = max(len(shard_indices(len(samples), r, world)) for r in range(world))
+        indices = indices + [indices[0] if indices else 0] * (longest - num_real)
+    subset = Subset(samples, indices)
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=ProcessorCollator(processor, keep_targets=True))
     was_training = model.training
     model.eval()
     rows = []
     # counted in sentences, so the bar shows sentences/s whatever the batch size
-    progress = tqdm(total=len(subset), desc=desc, unit=" sentences", disable=not accelerator.is_local_main_process,
+    progress = tqdm(total=num_real, desc=desc, unit=" sentences", disable=not accelerator.is_local_main_process,
                     leave=False)
     for batch in loader:
         targets = batch.pop("target_masks")
@@ -70,7 +79,7 @@ def predict_counts(model, processor, samples, *, accelerator, batch_size=8, num_
         progress.update(len(indices))
     progress.close()
     model.train(was_training)
-    return np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
+    return np.concatenate(rows)[:num_real] if rows else np.zeros((0, 3), dtype=np.int64)
 
 
 def gather_rows(rows: np.ndarray, accelerator) -> np.ndarray:

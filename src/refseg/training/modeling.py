@@ -80,3 +80,41 @@ def stage_parameters(model, stage_names) -> list:
     for p in params:  # DDP registers the parameters that require grad when it wraps the model
         p.requires_grad_(True)
     return params
+
+
+
+# attribute of the model naming the trained 0-d parameters `prepare_scalars_for_fsdp` made 1-d
+FSDP_SCALARS = "_refseg_fsdp_scalars"
+
+
+def prepare_scalars_for_fsdp(model, trained) -> list:
+    """Make `model` shardable by FSDP2 (`fully_shard`), which refuses 0-d parameters; returns their names.
+
+    A 0-d parameter no stage trains (not in `trained`; the stock `CLIPModel`'s `logit_scale`) becomes a buffer
+    of the same name and value. A trained one (RISCLIP's Locator scale and bias) becomes 1-d, shape (1,), in
+    place: it multiplies or adds by broadcasting, so the forward computes the same values. Their names are
+    kept on the model (`FSDP_SCALARS`), so checkpoints and the saved model hold them 0-d again
+    (`scalar_shapes_restored`) and load into an unsharded model unchanged.
+    """
+    trained = {id(p) for p in trained}
+    moved, reshaped = [], []
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dim():
+                continue
+            full_name = f"{module_name}.{name}" if module_name else name
+            if id(param) in trained:
+                param.data = param.data.reshape(1)
+                reshaped.append(full_name)
+            else:
+                delattr(module, name)
+                module.register_buffer(name, param.detach())
+            moved.append(full_name)
+    setattr(model, FSDP_SCALARS, frozenset(reshaped))
+    return moved
+
+
+def scalar_shapes_restored(state: dict, model) -> dict:
+    """`state` (name -> tensor) with the parameters `prepare_scalars_for_fsdp` made 1-d back at 0-d."""
+    scalars = getattr(model, FSDP_SCALARS, frozenset())
+    return {k: v.reshape(()) if k in scalars and v.numel() == 1 else v for k, v in state.items()}

@@ -7,6 +7,10 @@
 - `rng_state_<rank>.json` / `.safetensors`: Python, NumPy and torch generator states per process.
 No file is unpickled beyond `torch.load(weights_only=True)`.
 
+Under FSDP (`is_sharded`: the parameters are `DTensor` shards) the files are the same: every process
+calls `gather_main_state` (the shards are gathered into whole tensors) and the main process writes them;
+`load_state` has each process read the whole tensors and keep its own shard.
+
 Reading is two-phase: `read_checkpoint_files` loads and checks every file first (a file that does
 not read back raises `CorruptCheckpointError` naming it), and only then are the model, optimizer,
 scheduler and generators changed, so a corrupt checkpoint leaves the run untouched.
@@ -26,6 +30,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+try:  # FSDP2 shards (torch >= 2.5 with distributed support); without them no model is sharded
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = distribute_tensor = None
+
 from .checkpointing import CorruptCheckpointError, list_checkpoints, read_state, resolve_checkpoint, verify_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -35,16 +44,71 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.json"
 
 
+def is_sharded(model) -> bool:
+    """Whether `model`'s parameters are FSDP2 shards (`DTensor`s): its checkpoint state must be gathered by
+    every process (`gather_main_state`) and is scattered back on loading."""
+    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (a collective: every process calls it, in the same order)."""
+    return tensor.full_tensor() if DTensor is not None and isinstance(tensor, DTensor) else tensor
+
+
+def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` as `like` holds it: this process's shard when `like` is a `DTensor` (cut locally: every
+    process read the same file), else `full` itself; a 0-d value for a parameter FSDP needed 1-d is reshaped."""
+    if full.dim() == 0 and like.dim() == 1 and like.numel() == 1:
+        full = full.reshape(1)
+    if not isinstance(like, DTensor):
+        return full
+    full = full.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
 def method_state_dict(model) -> dict:
-    """The weights a checkpoint keeps: everything the method adds to its frozen backbones."""
+    """The weights a checkpoint keeps: everything the method adds to its frozen backbones (whole tensors;
+    for an FSDP-sharded model every process must call this, see `gather_main_state`)."""
+    from .modeling import scalar_shapes_restored
+
     state = model.trainable_state_dict()
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return scalar_shapes_restored({k: _full(v).detach().contiguous().cpu() for k, v in state.items()}, model)
 
 
-def write_main_state(directory, *, model, optimizer, scheduler):
+def optimizer_state_dict(optimizer, model) -> dict:
+    """`optimizer.state_dict()` with whole tensors where the parameters are FSDP shards (a collective then),
+    0-d where the parameter was (`prepare_scalars_for_fsdp`): the same file as an unsharded run writes."""
+    from .modeling import FSDP_SCALARS
+
+    scalars = getattr(model, FSDP_SCALARS, frozenset())
+    names = {id(p): name for name, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = optimizer.state_dict()
+    out = {}
+    for index, entry in state["state"].items():
+        scalar = names.get(id(params[int(index)])) in scalars
+        out[index] = {}
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                value = _full(value).detach().cpu()
+                value = value.reshape(()) if scalar and value.numel() == 1 else value
+            out[index][name] = value
+    state["state"] = out
+    return state
+
+
+def gather_main_state(model, optimizer) -> dict:
+    """`{"weights", "optimizer"}`: the whole method weights and optimizer state of an FSDP-sharded model. Every
+    process calls it (the shards are gathered); the main process writes the result (`write_main_state`)."""
+    return {"weights": method_state_dict(model), "optimizer": optimizer_state_dict(optimizer, model)}
+
+
+def write_main_state(directory, *, model, optimizer, scheduler, gathered: Optional[dict] = None):
+    """Weights, optimizer and scheduler files; `gathered` (`gather_main_state`) where the model is sharded."""
     directory = Path(directory)
-    save_file(method_state_dict(model), str(directory / WEIGHTS_FILE))
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    gathered = gathered or {"weights": method_state_dict(model), "optimizer": optimizer.state_dict()}
+    save_file(gathered["weights"], str(directory / WEIGHTS_FILE))
+    torch.save(gathered["optimizer"], directory / OPTIMIZER_FILE)
     # LambdaLR stores `None` for plain-function lambdas: the state is plain numbers throughout.
     (directory / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
 
@@ -117,8 +181,17 @@ def load_state(directory, *, model, optimizer, scheduler, rank: int):
     Raises `CorruptCheckpointError` (before changing anything) when a file does not read back.
     """
     files = read_checkpoint_files(directory, rank=rank)
-    model.load_trainable_state_dict(files["weights"])
-    optimizer.load_state_dict(files["optimizer"])
+    weights, optimizer_state = files["weights"], files["optimizer"]
+    if is_sharded(model):  # FSDP: each process keeps its shard of the whole tensors it read
+        current = model.trainable_state_dict()
+        weights = {k: _shard_like(v, current[k]) if k in current else v for k, v in weights.items()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer_state = {**optimizer_state, "state": {
+            index: {name: _shard_like(value, params[int(index)]) if torch.is_tensor(value) and name != "step" else value
+                    for name, value in entry.items()}
+            for index, entry in optimizer_state["state"].items()}}
+    model.load_trainable_state_dict(weights)
+    optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(files["scheduler"])
     if files["rng_json"] is not None:
         version, internal, gauss = files["rng_json"]["python"]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ...modeling_utils import sine_positions_1d, sine_positions_2d
+from ...modeling_utils import is_exporting, sine_positions_1d, sine_positions_2d
 
 
 class CrisConvBlock(nn.Sequential):
@@ -208,6 +208,10 @@ class CrisProjector(nn.Module):
         z_v = self.project_image(x)
         batch, channels, height, width = z_v.shape
         weight, bias = self.kernels(sentence)
+        if is_exporting():  # ONNX's Conv fixes its group count: the same sums as one product per sample
+            patches = F.unfold(z_v, self.kernel_size, padding=self.kernel_size // 2)  # (B, C k k, H W)
+            out = torch.einsum("bp,bpn->bn", weight.reshape(batch, -1).to(z_v.dtype), patches)
+            return (out + bias.to(z_v.dtype)[:, None]).reshape(batch, height, width)
         # all samples as groups of one convolution: group b sees only z_v[b] and kernel b
         out = F.conv2d(z_v.reshape(1, batch * channels, height, width), weight.to(z_v.dtype), bias.to(z_v.dtype),
                        padding=self.kernel_size // 2, groups=batch)

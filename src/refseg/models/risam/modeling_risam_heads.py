@@ -93,10 +93,12 @@ def relevance_masks(scores: torch.Tensor, word_mask: torch.Tensor, threshold: Op
         irrelevant = torch.sigmoid(scores) < threshold  # relevance sigma(s), masked where below tau
     else:
         raise ValueError(f"unknown relevance mask reading {reading!r}")
+    # `torch.where` on these bool masks written as bool algebra: ONNX Runtime has no Where for bool values
     vision = irrelevant | padding
-    vision = torch.where(vision.all(dim=-1, keepdim=True), padding.expand_as(vision), vision)
+    emptied = vision.all(dim=-1, keepdim=True)
+    vision = (emptied & padding) | (~emptied & vision)  # where(emptied, padding, vision)
     language = irrelevant.transpose(1, 2)
-    language = torch.where(language.all(dim=-1, keepdim=True), torch.zeros_like(language), language)
+    language = language & ~language.all(dim=-1, keepdim=True)  # where(all, False, language)
     return vision, language
 
 
