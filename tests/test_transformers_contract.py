@@ -145,6 +145,25 @@ def test_attentions_need_eager_attention_and_are_distributions(method, built, tm
         assert len(weights) == layers - (method == "risclip" and tower == "vision"), tower
         for w in weights:
             assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-5)
+    head_classes = getattr(type(model), "_head_attention_classes", ())
+    assert (outputs.decoder_attentions is not None) == bool(head_classes)
+    if head_classes:  # the heads' weights: with the module's values, they give the module's own output
+        calls = []
+        handles = [m.register_forward_hook(lambda m, args, kwargs, out: calls.append((m, args, kwargs, out)),
+                                           with_kwargs=True) for m in model.modules() if isinstance(m, head_classes)]
+        try:
+            with torch.no_grad():
+                outputs = model(**inputs, output_attentions=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        (first, args, kwargs, out), weights = calls[0], outputs.decoder_attentions
+        assert len(weights) == len(calls) and all(torch.allclose(w.sum(-1), torch.ones(()), atol=1e-5) for w in weights)
+        value = args[2] if len(args) > 2 else kwargs.get("value", args[1])
+        v = first.v_proj(value)
+        v = v.reshape(v.shape[0], v.shape[1], first.num_heads, -1).transpose(1, 2)
+        mixed = torch.matmul(weights[0], v).transpose(1, 2).reshape(out.shape[0], out.shape[1], -1)
+        assert torch.allclose(first.out_proj(mixed), out, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)

@@ -41,6 +41,10 @@ class ReferringSegmentationOutput(ModelOutput):
             Prompt-RIS only (its second image encoder, SAM's): like `vision_hidden_states`.
         sam_vision_attentions (`tuple(torch.FloatTensor)`, *optional*):
             Prompt-RIS only: like `vision_attentions`, for SAM's image encoder.
+        decoder_attentions (`tuple(torch.FloatTensor)`, *optional*):
+            With `output_attentions=True`: the attention weights `(B, heads, queries, keys)` of the method heads'
+            multi-head attention modules (CRIS's decoder, RISAM's mask decoder, Prompt-RIS's prompt generators,
+            coarse decoder and text prompter), in the order they ran.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -55,6 +59,7 @@ class ReferringSegmentationOutput(ModelOutput):
     text_attentions: Optional[tuple] = None
     sam_vision_hidden_states: Optional[tuple] = None
     sam_vision_attentions: Optional[tuple] = None
+    decoder_attentions: Optional[tuple] = None
 
 
 __all__ = ["ReferringSegmentationOutput"]

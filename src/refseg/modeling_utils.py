@@ -125,6 +125,21 @@ class RecordedTower:
     attention: str
 
 
+def multi_head_attention_weights(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                 key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The attention weights a heads' multi-head attention module (`q_proj`, `k_proj`, `num_heads`, scaled dot
+    product with the default 1/sqrt(head width), `key_mask` (B, L_k) bool, True = may be attended) forms:
+    (B, heads, L_q, L_k). Recomputed from the module's weights (its forward runs SDPA, which returns none)."""
+    q, k = module.q_proj(query), module.k_proj(key)
+    heads = module.num_heads
+    q = q.reshape(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)
+    k = k.reshape(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :].bool(), float("-inf"))
+    return scores.softmax(dim=-1)
+
+
 @contextmanager
 def record_tower_outputs(model: nn.Module, towers, *, hidden_states: bool, attentions: bool):
     """Forward hooks on the towers' layers while the block runs; yields `{field: [tensor, ...]}` filled in
@@ -157,6 +172,17 @@ def record_tower_outputs(model: nn.Module, towers, *, hidden_states: bool, atten
                 for layer in layers:
                     modules = [m for n, m in layer.named_modules() if n.split(".")[-1] == tower.attention]
                     handles.append(modules[0].register_forward_hook(output(weights, 1)))
+        head_classes = getattr(model, "_head_attention_classes", ())
+        if attentions and head_classes:
+            head_weights = recorded["decoder_attentions"] = []
+
+            def head_hook(module, args, kwargs, out):
+                query, key = args[0], args[1] if len(args) > 1 else kwargs["key"]
+                mask = args[3] if len(args) > 3 else next((v for k, v in kwargs.items() if "mask" in k), None)
+                head_weights.append(multi_head_attention_weights(module, query, key, mask))
+
+            handles += [m.register_forward_hook(head_hook, with_kwargs=True) for m in model.modules()
+                        if isinstance(m, head_classes)]
         yield recorded
     finally:
         _EVERY_ROW.reset(token)
@@ -172,7 +198,9 @@ def referring_forward(forward):
     - `output_hidden_states` / `output_attentions` (default: the config's) add the backbone towers'
       per-layer hidden states / attention weights (`model._recorded_towers`) to the output, as tuples:
       `vision_hidden_states`, `text_hidden_states`, ... (attention weights need
-      `attn_implementation="eager"`; `ValueError` otherwise).
+      `attn_implementation="eager"`; `ValueError` otherwise); with `output_attentions`, also
+      `decoder_attentions`: the weights of the heads' attention modules (`model._head_attention_classes`), in
+      call order.
     - `return_dict=False` (or `config.return_dict=False`) returns `output.to_tuple()`: the fields that are
       not None, in declaration order.
     """
@@ -294,5 +322,6 @@ class ReferringSegmentationPreTrainedModel(PreTrainedModel):
 
 
 __all__ = ["LOADING_KWARGS", "PROCESSOR_ONLY_INPUTS", "RecordedTower", "ReferringSegmentationPreTrainedModel",
-           "check_required_inputs", "check_text_inputs", "is_exporting", "record_tower_outputs", "referring_forward",
+           "check_required_inputs", "check_text_inputs", "is_exporting", "multi_head_attention_weights",
+           "record_tower_outputs", "referring_forward",
            "sine_positions_1d", "sine_positions_2d", "unique_rows"]

@@ -22,7 +22,7 @@ from ...modeling_utils import (
     unique_rows,
 )
 from .configuration_cris import TRAINING_STAGES, CrisConfig
-from .modeling_cris_heads import CrisDecoder, CrisNeck, CrisProjector
+from .modeling_cris_heads import CrisAttention, CrisDecoder, CrisNeck, CrisProjector
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
         RecordedTower("vision", "clip.vision_model.encoder.layers", "self_attn"),
         RecordedTower("text", "clip.text_model.encoder.layers", "self_attn"),
     )
+    # the heads' attention modules whose weights `output_attentions` returns (`decoder_attentions`)
+    _head_attention_classes = (CrisAttention,)
 
     modules_to_save = ("clip", "neck", "decoder", "projector")
     training_stages = TRAINING_STAGES

@@ -1,7 +1,6 @@
 """CRIS's heads: the cross-modal neck (eqs. 1-4), the vision-language decoder (eqs. 5-7) and the projector
 with its per-sample dynamic kernel (eq. 8)."""
 
-import math
 
 import torch
 import torch.nn.functional as F

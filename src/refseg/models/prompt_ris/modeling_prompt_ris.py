@@ -38,6 +38,7 @@ from ...modeling_utils import (
 )
 from .configuration_prompt_ris import TRAINING_STAGES, PromptRisConfig
 from .modeling_prompt_ris_heads import (
+    PromptRisAttention,
     PromptRisCoarseDecoder,
     PromptRisCrossModalPrompting,
     PromptRisPromptGenerator,
@@ -160,6 +161,8 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
         RecordedTower("text", "clip.text_model.encoder.layers", "self_attn"),
         RecordedTower("sam_vision", "sam.vision_encoder.layers", "attn"),
     )
+    # the heads' attention modules whose weights `output_attentions` returns (`decoder_attentions`)
+    _head_attention_classes = (PromptRisAttention,)
 
     modules_to_save = ("cross_modal_prompting", "decoder", "text_prompter")
     training_stages = TRAINING_STAGES

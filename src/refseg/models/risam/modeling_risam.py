@@ -30,7 +30,7 @@ from ...modeling_utils import (
     unique_rows,
 )
 from .configuration_risam import TRAINING_STAGES, RisamConfig
-from .modeling_risam_heads import RisamFeatureEnhancement, RisamMaskDecoder, RisamMutualAwareAttention
+from .modeling_risam_heads import RisamAttention, RisamFeatureEnhancement, RisamMaskDecoder, RisamMutualAwareAttention
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
         RecordedTower("vision", "sam.vision_encoder.layers", "attn"),
         RecordedTower("text", "clip.encoder.layers", "self_attn"),
     )
+    # the heads' attention modules whose weights `output_attentions` returns (`decoder_attentions`)
+    _head_attention_classes = (RisamAttention,)
 
     modules_to_save = ("feature_enhancement", "mutual_attention", "mask_decoder")
     training_stages = TRAINING_STAGES
