@@ -127,15 +127,15 @@ def coordinates(batch, height, width):
 
 
 def sine_1d(length, dim):
-    """Vaswani et al.'s fixed encoding: PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(...).
-    Computed in float32 and then widened, as the module (and the public code) computes its tables."""
-    table = torch.zeros(length, dim, dtype=torch.float32)
+    """Vaswani et al.'s fixed encoding: PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(...), in float64
+    (the module computes its tables in the model's precision, float64 here)."""
+    table = torch.zeros(length, dim, dtype=torch.float64)
     for p in range(length):
         for i in range(0, dim, 2):
-            angle = torch.tensor(p, dtype=torch.float32) * torch.exp(
-                torch.tensor(i, dtype=torch.float32) * (-math.log(10000.0) / dim))
+            angle = torch.tensor(p, dtype=torch.float64) * torch.exp(
+                torch.tensor(i, dtype=torch.float64) * (-math.log(10000.0) / dim))
             table[p, i], table[p, i + 1] = torch.sin(angle), torch.cos(angle)
-    return table.double()
+    return table
 
 
 def sine_2d(height, width, dim):

@@ -130,11 +130,13 @@ def authors_fpn(sd, imgs, state):
 
 
 def pos1d(d, length):
-    pe = torch.zeros(length, d)
-    position = torch.arange(0, length).unsqueeze(1)
-    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float) * -(math.log(10000.0) / d))
-    pe[:, 0::2], pe[:, 1::2] = torch.sin(position.float() * div), torch.cos(position.float() * div)
-    return pe.double()
+    """Their sine table, in float64 here (they compute it in their model's float32; refseg in the model's
+    precision, float64 in these tests)."""
+    pe = torch.zeros(length, d, dtype=torch.float64)
+    position = torch.arange(0, length, dtype=torch.float64).unsqueeze(1)
+    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float64) * -(math.log(10000.0) / d))
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(position * div), torch.cos(position * div)
+    return pe
 
 
 def pos2d(d, h, w):

@@ -103,10 +103,12 @@ def sine_positions_1d(length: int, dim: int, *, device=None, dtype=None) -> torc
 
 def sine_positions_2d(height: int, width: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:
     """Fixed 2-D sine encoding of a (height, width) grid (DETR-style): (height * width, dim), row-major;
-    the first `dim / 2` channels encode the column, the others the row."""
+    the first `dim / 2` channels encode the column, the others the row. Computed like `sine_positions_1d`
+    (float64 for float64)."""
     half = dim // 2
-    columns = sine_positions_1d(width, half, device=device)  # (w, dim/2)
-    rows = sine_positions_1d(height, half, device=device)  # (h, dim/2)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    columns = sine_positions_1d(width, half, device=device, dtype=work)  # (w, dim/2)
+    rows = sine_positions_1d(height, half, device=device, dtype=work)  # (h, dim/2)
     encoding = torch.cat(
         [columns[None, :, :].expand(height, -1, -1), rows[:, None, :].expand(-1, width, -1)], dim=-1
     )
