@@ -11,6 +11,7 @@ implements the documented departure and says so where it does.
 
 import math
 
+import pytest
 import torch
 from conftest import randomise_parameters
 from transformers import CLIPModel, SamModel
@@ -45,6 +46,18 @@ def load_stock_encoders(backbones):
     sam = SamModel.from_pretrained(backbones["sam"]).vision_encoder.double().eval()
     clip = CLIPModel.from_pretrained(backbones["clip"]).text_model.double().eval()
     return sam, clip
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory, tiny_backbones):
+    """Module fixture of the RISAM reference tests (import it into the test module): `make_backbones`."""
+    return make_backbones(tmp_path_factory, tiny_backbones)
+
+
+@pytest.fixture(scope="module")
+def stock_encoders(backbones):
+    """Module fixture: the stock SAM and CLIP encoders of `backbones` (`load_stock_encoders`)."""
+    return load_stock_encoders(backbones)
 
 
 def prepared_model(backbones, seed=0, std=0.3, attention_std=None, **overrides):

@@ -13,22 +13,13 @@ import math
 import pytest
 import torch
 
-from risam_reference import (
-    PLACES, READINGS, TAU, close, load_stock_encoders, make_backbones, model_inputs, prepared_model, reference_decoder,
+from risam_reference import (  # noqa: F401  (`backbones`, `stock_encoders`: module fixtures)
+    backbones, stock_encoders,
+    PLACES, READINGS, TAU, close, model_inputs, prepared_model, reference_decoder,
     reference_feature_enhancement, reference_forward, reference_irrelevant, reference_mutual_attention,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory, tiny_backbones):
-    return make_backbones(tmp_path_factory, tiny_backbones)
-
-
-@pytest.fixture(scope="module")
-def stock_encoders(backbones):
-    return load_stock_encoders(backbones)
 
 
 # ------------------------------------------------------------------ Sec. 3.1: which SAM blocks

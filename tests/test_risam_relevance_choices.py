@@ -11,23 +11,14 @@ import math
 import pytest
 import torch
 
-from risam_reference import (
-    HEADS, PLACES, READINGS, SIZE, TAU, close, layer_norm, load_stock_encoders, make_backbones, model_inputs,
+from risam_reference import (  # noqa: F401  (`backbones`, `stock_encoders`: module fixtures)
+    backbones, stock_encoders,
+    HEADS, PLACES, READINGS, SIZE, TAU, close, layer_norm, model_inputs,
     prepared_model, reference_irrelevant, softmax,
 )
 from refseg import RisamModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory, tiny_backbones):
-    return make_backbones(tmp_path_factory, tiny_backbones)
-
-
-@pytest.fixture(scope="module")
-def stock_encoders(backbones):
-    return load_stock_encoders(backbones)
 
 # ------------------------------------------------------------------ eq. 4: the two readings, by hand
 # Scaled similarities s (one sample, 4 pixels x 5 words; word 4 is padding), chosen around both thresholds
