@@ -61,10 +61,12 @@ spec() {
     esac
 }
 
-# method_tests METHOD: `tests` = every tests/**/test_METHOD*.py of the repository, `pytest_extra` = not slow
+# method_tests METHOD: `tests` = every tests/**/test_METHOD*.py of the repository, `pytest_extra` = not slow,
+# and not the remote-code export tests (they copy the module files into a Hub folder and refuse the mutant's
+# `import mutmut`: they test the export, not the method, and fail on every mutant alike)
 method_tests() {
     mapfile -t tests < <(cd "$repo" && find tests -name "test_$1*.py" | sort)
-    pytest_extra=(-m "not slow")
+    pytest_extra=(-m "not slow" -k "not remote_code")
 }
 
 toml_list() {  # arguments -> a TOML list of strings
