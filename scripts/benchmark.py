@@ -189,6 +189,11 @@ def peak_extra_memory_mib(fn):
     return (after[1] - before[0]) / 1024
 
 
+def _checkpointing(model, what: str) -> None:
+    """`model.activation_checkpointing_<what>()` (transformers >= 5.25), else `gradient_checkpointing_<what>()`."""
+    (getattr(model, f"activation_checkpointing_{what}", None) or getattr(model, f"gradient_checkpointing_{what}"))()
+
+
 def _ratio(a, b):
     """a / b, or None where either is unknown (peak memory off Linux) or b is 0."""
     return a / b if a is not None and b else None
@@ -300,10 +305,10 @@ def main(argv=None):
         one_step()  # the optimizer state exists before the measured step
         results[f"train_step_extra_memory_mib[{stage}]"] = peak_extra_memory_mib(one_step)
         if args.gradient_checkpointing:  # the same step, activations recomputed in backward
-            model.gradient_checkpointing_enable()
+            _checkpointing(model, "enable")
             results[f"train_step_extra_memory_mib[{stage}, checkpointed]"] = peak_extra_memory_mib(one_step)
             results[f"train_step_s[{stage}, checkpointed]"] = timed(one_step, args.steps, args.warmup)
-            model.gradient_checkpointing_disable()
+            _checkpointing(model, "disable")
             results[f"ratio train_step_extra_memory[{stage}, checkpointed]/[{stage}]"] = _ratio(
                 results[f"train_step_extra_memory_mib[{stage}, checkpointed]"],
                 results[f"train_step_extra_memory_mib[{stage}]"])

@@ -304,6 +304,11 @@ def _checkpointable_layers(model):
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def _checkpointing(model, what):
+    """transformers 5.25 renamed gradient checkpointing to activation checkpointing (the old names warn)."""
+    return getattr(model, f"activation_checkpointing_{what}", None) or getattr(model, f"gradient_checkpointing_{what}")
+
+
 def _train_step(model, batch, seed):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
@@ -362,14 +367,14 @@ def test_gradient_checkpointing_recomputes_the_trainable_layers_with_equal_gradi
                    for i, probe in enumerate(probes)]
         handles += [layer.register_forward_hook(mark(i)) for i, layer in enumerate(layers)]
         try:
-            model.gradient_checkpointing_disable()
+            _checkpointing(model, "disable")()
             loss, grads = _train_step(model, batch, seed=0)
             plain_calls, calls[:] = list(calls), [0] * len(probes)
-            model.gradient_checkpointing_enable()
-            assert model.is_gradient_checkpointing
+            _checkpointing(model, "enable")()
+            assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
             checkpointed_loss, checkpointed_grads = _train_step(model, batch, seed=0)
         finally:
-            model.gradient_checkpointing_disable()
+            _checkpointing(model, "disable")()
             for handle in handles:
                 handle.remove()
         ran = [i for i, n in enumerate(plain_calls) if n and in_graph[i]]
