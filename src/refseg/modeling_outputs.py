@@ -45,6 +45,10 @@ class ReferringSegmentationOutput(ModelOutput):
             With `output_attentions=True`: the attention weights `(B, heads, queries, keys)` of the method heads'
             multi-head attention modules (CRIS's decoder, RISAM's mask decoder, Prompt-RIS's prompt generators,
             coarse decoder and text prompter), in the order they ran.
+        no_target_logits (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
+            With `config.no_target_head=True` (generalized referring segmentation, `refseg.no_target`): the logit
+            that the expression has no referent in the image; post-processing returns an empty mask where its
+            sigmoid exceeds `config.no_target_threshold`.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -60,6 +64,7 @@ class ReferringSegmentationOutput(ModelOutput):
     sam_vision_hidden_states: Optional[tuple] = None
     sam_vision_attentions: Optional[tuple] = None
     decoder_attentions: Optional[tuple] = None
+    no_target_logits: Optional[torch.FloatTensor] = None
 
 
 __all__ = ["ReferringSegmentationOutput"]

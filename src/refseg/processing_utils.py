@@ -25,6 +25,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs
 
+from .no_target import apply_no_target
+
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
@@ -453,6 +455,7 @@ class ReferringSegmentationProcessorMixin:
         outputs,
         target_sizes: Optional[Union[torch.Tensor, Sequence[Sequence[int]]]] = None,
         threshold: Optional[float] = None,
+        no_target_threshold: Optional[float] = None,
     ) -> list[torch.Tensor]:
         """Model outputs -> list of bool masks `(height, width)` at the original image sizes.
 
@@ -463,6 +466,10 @@ class ReferringSegmentationProcessorMixin:
                 Required: the processor keeps no state between calls (so it is safe to share between
                 threads), hence no "sizes of the last call".
             threshold: defaults to `self.threshold`.
+            no_target_threshold: for a model with the presence head (`config.no_target_head`, the output's
+                `no_target_logits`): a mask comes back empty where `sigmoid(no_target_logits)` exceeds it. Pass the
+                model config's `no_target_threshold` (the pipeline and `scripts/evaluate.py` do); defaults to
+                `self.no_target_threshold` when the processor has one, else 0.5.
         """
         logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
         if logits is None and isinstance(outputs, dict):
@@ -476,9 +483,15 @@ class ReferringSegmentationProcessorMixin:
         valid_sizes = None
         if self.padded_input_size is not None:
             valid_sizes = [resize_longest_side_shape(h, w, self.padded_input_size) for h, w in sizes]
-        return post_process_masks(
+        masks = post_process_masks(
             logits, sizes, threshold=threshold, input_size=self.padded_input_size, valid_sizes=valid_sizes
         )
+        no_target_logits = getattr(outputs, "no_target_logits", None)
+        if no_target_logits is None and isinstance(outputs, dict):
+            no_target_logits = outputs.get("no_target_logits")
+        if no_target_threshold is None:
+            no_target_threshold = getattr(self, "no_target_threshold", 0.5)
+        return apply_no_target(masks, no_target_logits, no_target_threshold)
 
 
 __all__ = [

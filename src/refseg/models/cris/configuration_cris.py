@@ -5,6 +5,8 @@ import logging
 from transformers import CLIPConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ...no_target import validate_no_target_config
+
 logger = logging.getLogger(__name__)
 
 # CRIS trains in one stage: everything (both CLIP towers included) end to end.
@@ -65,6 +67,14 @@ class CrisConfig(PreTrainedConfig):
         word_length (`int`, *optional*, defaults to 17):
             Tokens per expression, [SOS] and [EOS] included (17 for RefCOCO/+, 22 for RefCOCOg); the processor
             pads and truncates to it. At least 3.
+        no_target_head (`bool`, *optional*, defaults to `False`):
+            Generalized referring segmentation: add the presence head (`refseg.no_target.NoTargetHead`) that
+            says when the expression names nothing in the image. It reads the sentence feature F_s, the decoder's output F_c and the projector's logits. Off in the paper presets, on in
+            the `*-g` presets.
+        no_target_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the head's BCE term (target: the label mask is empty) in the loss.
+        no_target_threshold (`float`, *optional*, defaults to 0.5):
+            Post-processing returns an empty mask where `sigmoid(no_target_logits)` exceeds it.
         threshold (`float`, *optional*, defaults to 0.35):
             Probability threshold of the final mask (the paper's).
         resize_mode (`str`, *optional*, defaults to `"stretch"`):
@@ -118,6 +128,9 @@ class CrisConfig(PreTrainedConfig):
     projector_kernel_size: int = 3
     word_length: int = 17
     threshold: float = 0.35
+    no_target_head: bool = False
+    no_target_loss_weight: float = 1.0
+    no_target_threshold: float = 0.5
     resize_mode: str = "stretch"
     mask_resample: str = "nearest"
     backbone_learning_rate_scale: float = 0.1
@@ -139,6 +152,7 @@ class CrisConfig(PreTrainedConfig):
         if self.projector_hidden_size is None and len(self.neck_hidden_sizes) == 3:
             self.projector_hidden_size = self.neck_hidden_sizes[1] // 2
         self._validate(vision)
+        validate_no_target_config(self)
 
     @property
     def patch_size(self) -> int:

@@ -17,6 +17,7 @@ from transformers import CLIPModel
 from ...adapters.model_mixin import AdaptedModelMixin
 from ...losses import bce_loss
 from ...modeling_outputs import ReferringSegmentationOutput
+from ...no_target import NoTargetHead, add_no_target_loss
 from ...modeling_utils import (
     RecordedTower, ReferringSegmentationPreTrainedModel, check_required_inputs, check_text_inputs, referring_forward,
     unique_rows,
@@ -109,6 +110,11 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
         for module in (*self.neck.modules(), *self.projector.modules()):
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = config.batch_norm_momentum
+        # 3. generalized RIS: the presence head on F_s, the decoded pixels F_c and the projector's logits
+        self.no_target_head = None
+        if config.no_target_head:
+            self.no_target_head = NoTargetHead(projection_dim, config.hidden_size)
+            self.modules_to_save = type(self).modules_to_save + ("no_target_head",)
         self.post_init()
         self.set_training_stage(config.training_stage)
 
@@ -147,7 +153,8 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
     def head_parameters(self) -> list:
         """The trainable parameters of the neck, decoder and projector (the base learning-rate group), then
         CLIP's position embeddings when `config.backbone_position_embeddings_at_base_rate`."""
-        heads = [p for m in (self.neck, self.decoder, self.projector) for p in m.parameters() if p.requires_grad]
+        modules = [self.neck, self.decoder, self.projector] + ([self.no_target_head] if self.no_target_head else [])
+        heads = [p for m in modules for p in m.parameters() if p.requires_grad]
         return heads + [p for n, p in self.clip.named_parameters() if p.requires_grad and self._at_base_rate(n)]
 
     # ----------------------------------------------------------------- the towers alone
@@ -240,13 +247,18 @@ class CrisModel(AdaptedModelMixin, CrisPreTrainedModel):
         decoded = self.decoder(visual, words, attention_mask.bool())
         # 5. projector (eq. 8): logits (B, 4h, 4w)
         logits = self.projector(decoded, sentence)
-        # 6. text-to-pixel contrastive loss (eqs. 9-10)
+        # 6. generalized RIS: does the expression name anything here? (`refseg.no_target`)
+        no_target_logits = None
+        if self.no_target_head is not None:
+            no_target_logits = self.no_target_head(sentence, decoded, logits)
+        # 7. text-to-pixel contrastive loss (eqs. 9-10) (+ the presence term)
         loss, loss_dict = None, None
         if labels is not None:
             loss, loss_dict = self._loss(labels, logits, pixel_values.shape[-2:])
+            loss, loss_dict = add_no_target_loss(self.config, no_target_logits, labels, loss, loss_dict)
         return ReferringSegmentationOutput(
             loss=loss, logits=logits, coarse_logits=None, image_embeds=decoded.flatten(2).transpose(1, 2),
-            text_embeds=sentence, loss_dict=loss_dict,
+            text_embeds=sentence, loss_dict=loss_dict, no_target_logits=no_target_logits,
         )
 
     def _loss(self, labels, logits, input_size):

@@ -10,6 +10,7 @@ from transformers import CLIPConfig, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import Unpack
 
+from ...no_target import apply_no_target
 from ...processing_utils import (
     PROCESSOR_KWARGS_DEFAULTS,
     ReferringSegmentationProcessorKwargs,
@@ -208,15 +209,17 @@ class CrisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
             out.append(F.interpolate(sample, size=(height, width), mode="bilinear", align_corners=False)[0, 0])
         return out
 
-    def post_process_referring_segmentation(self, outputs, target_sizes=None, threshold: Optional[float] = None):
+    def post_process_referring_segmentation(self, outputs, target_sizes=None, threshold: Optional[float] = None,
+                                            no_target_threshold: Optional[float] = None):
         """Model outputs -> list of bool masks `(height, width)` at the original image sizes.
 
         Stretched inputs: as every refseg processor (logits upsampled bilinearly, `sigmoid > threshold`).
         Letterboxed inputs: as the authors' code, the probabilities `sigmoid(logits)` are mapped back through
-        the inverse of the letterbox (`map_to_original`) and thresholded.
+        the inverse of the letterbox (`map_to_original`) and thresholded. With the presence head, a mask is empty
+        where `sigmoid(no_target_logits)` exceeds `no_target_threshold` (as in every refseg processor).
         """
         if self.resize_mode == "stretch":
-            return super().post_process_referring_segmentation(outputs, target_sizes, threshold)
+            return super().post_process_referring_segmentation(outputs, target_sizes, threshold, no_target_threshold)
         logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
         if logits is None and isinstance(outputs, dict):
             logits = outputs.get("logits")
@@ -227,7 +230,10 @@ class CrisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
         threshold = self.threshold if threshold is None else threshold
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"`threshold` must be in (0, 1), got {threshold}")
-        return [probabilities > threshold for probabilities in self.map_to_original(logits.sigmoid(), target_sizes)]
+        masks = [probabilities > threshold for probabilities in self.map_to_original(logits.sigmoid(), target_sizes)]
+        if no_target_threshold is None:
+            no_target_threshold = getattr(self, "no_target_threshold", 0.5)
+        return apply_no_target(masks, getattr(outputs, "no_target_logits", None), no_target_threshold)
 
     @property
     def model_input_names(self) -> list:

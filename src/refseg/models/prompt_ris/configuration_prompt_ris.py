@@ -5,6 +5,8 @@ import logging
 from transformers import CLIPConfig, PreTrainedConfig, SamConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ...no_target import validate_no_target_config
+
 logger = logging.getLogger(__name__)
 
 # Sec. 4.2: CLIP with Cross-Modal Prompting (and ICL) first, then the whole model end to end.
@@ -75,6 +77,14 @@ class PromptRisConfig(PreTrainedConfig):
             Tokens per expression, [SOS] and [EOS] included; the processor pads and truncates to it. The paper gives
             none: 20 holds practically every RefCOCO/RefCOCO+ expression (3.5 words on average) with room to spare;
             G-Ref's longer expressions may want more. At least 3.
+        no_target_head (`bool`, *optional*, defaults to `False`):
+            Generalized referring segmentation: add the presence head (`refseg.no_target.NoTargetHead`) that
+            says when the expression names nothing in the image. It reads the coarse decoder's sentence t_g, its pixels F'_IC and the coarse map S'_C; it trains in both stages. Off in the paper presets, on in
+            the `*-g` presets.
+        no_target_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the head's BCE term (target: the label mask is empty) in the loss.
+        no_target_threshold (`float`, *optional*, defaults to 0.5):
+            Post-processing returns an empty mask where `sigmoid(no_target_logits)` exceeds it.
         threshold (`float`, *optional*, defaults to 0.5):
             Probability threshold of the final mask (the paper gives none; 0.5 is the sigmoid's midpoint).
         bce_weight, dice_weight, icl_weight (`float`, *optional*, default to 1.0):
@@ -123,6 +133,9 @@ class PromptRisConfig(PreTrainedConfig):
     train_sam_decoder: bool = False
     word_length: int = 20
     threshold: float = 0.5
+    no_target_head: bool = False
+    no_target_loss_weight: float = 1.0
+    no_target_threshold: float = 0.5
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     icl_weight: float = 1.0
@@ -143,6 +156,7 @@ class PromptRisConfig(PreTrainedConfig):
         if self.text_prompt_mlp_dim is None:
             self.text_prompt_mlp_dim = int(decoder.mlp_dim)
         self._validate()
+        validate_no_target_config(self)
 
     # ----------------------------------------------------------------- derived sizes
     @property

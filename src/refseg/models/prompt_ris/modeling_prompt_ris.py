@@ -26,6 +26,7 @@ from ...adapters.prompts import PromptedEncoderLayer  # noqa: F401  (registers t
 # into CLIP's layers; imported here so that exported remote code carries it)
 from ...losses import bce_loss, dice_loss, instance_contrastive_loss
 from ...modeling_outputs import ReferringSegmentationOutput
+from ...no_target import NoTargetHead, add_no_target_loss
 from ...modeling_utils import (
     LOADING_KWARGS,
     RecordedTower,
@@ -193,8 +194,16 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
             text_cfg.hidden_size, config.sam_hidden_size, config.text_prompt_num_layers,
             config.text_prompt_num_heads, config.text_prompt_mlp_dim,
         )
-        if config.train_sam_decoder:  # an instance attribute: what `trainable_state_dict` holds follows the config
-            self.modules_to_save = type(self).modules_to_save + SAM_DECODER_MODULES
+        # generalized RIS: the presence head on t_g, F'_IC and the coarse map S'_C (trains in both stages)
+        self.no_target_head = None
+        if config.no_target_head:
+            width = self.decoder.vision_proj.out_features
+            self.no_target_head = NoTargetHead(width, width)
+        # instance attributes: what `trainable_state_dict` holds follows the config
+        if config.no_target_head:
+            self.modules_to_save = self.modules_to_save + ("no_target_head",)
+        if config.train_sam_decoder:
+            self.modules_to_save = self.modules_to_save + SAM_DECODER_MODULES
         self._point_table = None  # (key, table): SAM's point embeddings of every mask pixel, see `point_embeddings`
         self.post_init()
         self.set_training_stage(config.training_stage)
@@ -229,6 +238,8 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
         self.config.training_stage = stage
         self.requires_grad_(False)
         trained = _STAGE_MODULES[stage]
+        if self.no_target_head is not None:
+            trained += ("no_target_head",)
         if stage == "end_to_end" and self.config.train_sam_decoder:
             trained += SAM_DECODER_MODULES
         for name in trained:
@@ -460,11 +471,17 @@ class PromptRisModel(AdaptedModelMixin, PromptRisPreTrainedModel):
             logits = mask_logits
         else:
             logits = self.decode_with_sam(mask_logits, words.to(mask_logits.dtype), word_mask, sam_pixel_values)
+        # 4. generalized RIS: does the expression name anything here? (`refseg.no_target`)
+        no_target_logits = None
+        if self.no_target_head is not None:
+            pixel_map = pixels.transpose(1, 2).reshape(pixels.shape[0], -1, grid, grid)  # (B, D_C, g, g)
+            no_target_logits = self.no_target_head(sentence, pixel_map, coarse_logits)
         loss, loss_dict = None, None
         if labels is not None:
             loss, loss_dict = self._loss(labels, coarse_logits, logits, group_ids, instance_ids)
+            loss, loss_dict = add_no_target_loss(self.config, no_target_logits, labels, loss, loss_dict)
         return ReferringSegmentationOutput(loss=loss, logits=logits, coarse_logits=coarse_logits, image_embeds=pixels,
-                                           text_embeds=sentence, loss_dict=loss_dict)
+                                           text_embeds=sentence, loss_dict=loss_dict, no_target_logits=no_target_logits)
 
     def _terms(self, prefix, prediction, target, group_ids, instance_ids) -> dict:
         terms = {f"{prefix}bce": bce_loss(prediction, target), f"{prefix}dice": dice_loss(prediction, target)}

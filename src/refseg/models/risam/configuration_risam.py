@@ -5,6 +5,8 @@ import logging
 from transformers import CLIPConfig, PreTrainedConfig, SamConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ...no_target import validate_no_target_config
+
 logger = logging.getLogger(__name__)
 
 # RISAM trains in one stage: Feature Enhancement, Mutual-Aware Attention and the decoder, both encoders frozen.
@@ -83,6 +85,14 @@ class RisamConfig(PreTrainedConfig):
         word_length (`int`, *optional*, defaults to 17):
             Tokens per expression, [SOS] and [EOS] included: the paper's maximum word number, 17 for RefCOCO and
             25 for RefCOCO+ and G-Ref (set by the YAML configs). At least 3.
+        no_target_head (`bool`, *optional*, defaults to `False`):
+            Generalized referring segmentation: add the presence head (`refseg.no_target.NoTargetHead`) that
+            says when the expression names nothing in the image. It reads the multi-modal query token after the mask decoder, the decoder's pixel features and the mask logits. Off in the paper presets, on in
+            the `*-g` presets.
+        no_target_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the head's BCE term (target: the label mask is empty) in the loss.
+        no_target_threshold (`float`, *optional*, defaults to 0.5):
+            Post-processing returns an empty mask where `sigmoid(no_target_logits)` exceeds it.
         threshold (`float`, *optional*, defaults to 0.35):
             Probability threshold of the final mask (the paper's).
         focal_weight, dice_weight (`float`, *optional*, default to 0.5):
@@ -126,6 +136,9 @@ class RisamConfig(PreTrainedConfig):
     upsample_hidden_sizes: list | tuple | None = None
     word_length: int = 17
     threshold: float = 0.35
+    no_target_head: bool = False
+    no_target_loss_weight: float = 1.0
+    no_target_threshold: float = 0.5
     focal_weight: float = 0.5
     dice_weight: float = 0.5
     focal_gamma: float = 2.0
@@ -144,6 +157,7 @@ class RisamConfig(PreTrainedConfig):
             self.upsample_hidden_sizes = [max(1, self.hidden_size // 4), max(1, self.hidden_size // 8)]
         self.upsample_hidden_sizes = [int(c) for c in self.upsample_hidden_sizes]
         self._validate(vision)
+        validate_no_target_config(self)
 
     @property
     def image_size(self) -> int:

@@ -19,6 +19,7 @@ from transformers import initialization as init
 from ...adapters.model_mixin import AdaptedModelMixin
 from ...losses import dice_loss, sigmoid_focal_loss
 from ...modeling_outputs import ReferringSegmentationOutput
+from ...no_target import NoTargetHead, add_no_target_loss
 from ...modeling_utils import (
     LOADING_KWARGS,
     RecordedTower,
@@ -142,6 +143,11 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = config.batch_norm_momentum
+        # generalized RIS: the presence head on the query token, the decoder's pixels and the mask logits
+        self.no_target_head = None
+        if config.no_target_head:
+            self.no_target_head = NoTargetHead(hidden, hidden)
+            self.modules_to_save = type(self).modules_to_save + ("no_target_head",)
         self.post_init()
         self.set_training_stage(config.training_stage)
 
@@ -265,12 +271,18 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
         for block in self.mutual_attention:
             visual, words = block(visual, words, word_mask)
         # 4. Mutual-Aware Mask Decoder (eqs. 6-9): logits (B, 4h, 4w)
-        logits = self.mask_decoder(visual, words, word_mask, grid)
+        no_target_logits = None
+        if self.no_target_head is None:
+            logits = self.mask_decoder(visual, words, word_mask, grid)
+        else:  # generalized RIS: the presence head on the query token and the decoder's pixels (`refseg.no_target`)
+            logits, query, pixel_map = self.mask_decoder(visual, words, word_mask, grid, return_state=True)
+            no_target_logits = self.no_target_head(query, pixel_map, logits)
         loss, loss_dict = None, None
         if labels is not None:
             loss, loss_dict = self._loss(labels, logits, pixel_values.shape[-2:])
+            loss, loss_dict = add_no_target_loss(self.config, no_target_logits, labels, loss, loss_dict)
         return ReferringSegmentationOutput(loss=loss, logits=logits, coarse_logits=None, image_embeds=visual,
-                                           text_embeds=words, loss_dict=loss_dict)
+                                           text_embeds=words, loss_dict=loss_dict, no_target_logits=no_target_logits)
 
     def _loss(self, labels, logits, input_size):
         if labels.dim() != 3 or labels.shape[0] != logits.shape[0] or labels.shape[-2:] not in (input_size, logits.shape[-2:]):

@@ -229,7 +229,9 @@ class RisamMaskDecoder(nn.Module):
             nn.Linear(hidden_size, last),
         )
 
-    def forward(self, pixels, words, word_mask, grid):
+    def forward(self, pixels, words, word_mask, grid, return_state: bool = False):
+        """Mask logits (B, 4h, 4w); with `return_state`, also the query token F^_m after the blocks (B, C) and
+        the blocks' pixels F-_lav on the grid (B, C, h, w) (what the presence head reads)."""
         batch, _, width = pixels.shape
         query = self.query_token.weight[None].expand(batch, -1, -1)
         tokens = torch.cat([query, words], dim=1)  # F_c = [F_m, F_val]
@@ -240,9 +242,11 @@ class RisamMaskDecoder(nn.Module):
         token_pos = torch.cat([word_pos.new_zeros(1, width), word_pos], dim=0)[None]
         for layer in self.layers:
             pixels, tokens = layer(pixels, tokens, token_pos, token_mask)
-        features = self.upsample(pixels.transpose(1, 2).reshape(batch, width, *grid))  # (B, C', 4h, 4w)
+        pixel_map = pixels.transpose(1, 2).reshape(batch, width, *grid)  # (B, C, h, w)
+        features = self.upsample(pixel_map)  # (B, C', 4h, 4w)
         kernel = self.query_mlp(tokens[:, 0])  # (B, C')
-        return torch.einsum("bc,bchw->bhw", kernel, features)
+        logits = torch.einsum("bc,bchw->bhw", kernel, features)
+        return (logits, tokens[:, 0], pixel_map) if return_state else logits
 
 
 __all__ = [

@@ -5,6 +5,8 @@ import logging
 from transformers import CLIPConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ...no_target import validate_no_target_config
+
 logger = logging.getLogger(__name__)
 
 TRAINING_STAGES = ("locator", "refiner")
@@ -86,6 +88,14 @@ class RisclipConfig(PreTrainedConfig):
         training_stage (`str`, *optional*, defaults to `"locator"`):
             `"locator"` (stage 1: adapters, fusion and the Locator's scale/bias train on the token-level target)
             or `"refiner"` (stage 2: the Refiner alone trains on the pixel target).
+        no_target_head (`bool`, *optional*, defaults to `False`):
+            Generalized referring segmentation: add the presence head (`refseg.no_target.NoTargetHead`) that
+            says when the expression names nothing in the image. It reads the [EOS] token after PostFusion, the PostFusion patch tokens and the Locator's map; it trains in the `locator` stage. Off in the paper presets, on in
+            the `*-g` presets.
+        no_target_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the head's BCE term (target: the label mask is empty) in the loss.
+        no_target_threshold (`float`, *optional*, defaults to 0.5):
+            Post-processing returns an empty mask where `sigmoid(no_target_logits)` exceeds it.
         threshold (`float`, *optional*, defaults to 0.5):
             Probability threshold of the final mask; 0.5 on the fg - bg logit is the paper's argmax.
         use_lora (`bool`, *optional*, defaults to `False`):
@@ -138,6 +148,9 @@ class RisclipConfig(PreTrainedConfig):
     focal_gamma: float = 2.0
     training_stage: str = "locator"
     threshold: float = 0.5
+    no_target_head: bool = False
+    no_target_loss_weight: float = 1.0
+    no_target_threshold: float = 0.5
     use_lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
@@ -163,6 +176,7 @@ class RisclipConfig(PreTrainedConfig):
             logger.info("refiner_feature_layers %s clipped to %s", self.refiner_feature_layers, clipped)
             self.refiner_feature_layers = clipped
         self._validate(vision)
+        validate_no_target_config(self)
 
     @property
     def patch_size(self) -> int:

@@ -27,6 +27,7 @@ from ...adapters.layers import encoder_layer_forward
 from ...adapters.model_mixin import AdaptedModelMixin
 from ...losses import dice_loss, sigmoid_focal_loss
 from ...modeling_outputs import ReferringSegmentationOutput
+from ...no_target import NoTargetHead, add_no_target_loss
 from ...modeling_utils import (
     RecordedTower, ReferringSegmentationPreTrainedModel, check_required_inputs, referring_forward, unique_rows,
 )
@@ -151,6 +152,12 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
         self.locator = RisclipLocator(config.locator_logit_scale_init, config.locator_logit_bias_init)
         self.refiner = RisclipRefiner(vision_cfg.hidden_size, config.refiner_hidden_sizes,
                                       projection_dim=config.refiner_projection_dim)
+        # 4. generalized RIS: the presence head on the fused [EOS], the fused patch tokens and the Locator's map
+        self.no_target_head = None
+        if config.no_target_head:
+            width = clip_config.projection_dim
+            self.no_target_head = NoTargetHead(width, width, eps=vision_cfg.layer_norm_eps)
+            self.modules_to_save = type(self).modules_to_save + ("no_target_head",)
         self.post_init()
         self.set_training_stage(config.training_stage)
 
@@ -199,7 +206,10 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
 
     # ----------------------------------------------------------------- stages and trainable weights
     def _stage_modules(self, stage: str) -> list:
-        return [self.refiner] if stage == "refiner" else [self.pre_fusion, self.post_fusion, self.locator]
+        if stage == "refiner":
+            return [self.refiner]
+        heads = [self.no_target_head] if self.no_target_head is not None else []
+        return [self.pre_fusion, self.post_fusion, self.locator, *heads]
 
     def set_training_stage(self, stage: str) -> None:
         """Select what trains (see the class docstring) and which loss `forward` computes.
@@ -224,8 +234,9 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
             if self.config.training_stage == "locator":
                 self.refiner.eval()
             else:
-                for module in (self.clip, self.pre_fusion, self.post_fusion, self.locator):
+                for module in self._stage_modules("locator"):
                     module.eval()
+                self.clip.eval()
         return self
 
     # ----------------------------------------------------------------- forward
@@ -350,13 +361,19 @@ class RisclipModel(AdaptedModelMixin, RisclipPreTrainedModel):
             if scores.shape[-2:] != (height, width):  # e.g. patch 14: back to the input size (bicubic)
                 scores = F.interpolate(scores, size=(height, width), mode="bicubic", align_corners=False)
             logits = scores[:, 1] - scores[:, 0]
-        # 6. loss of the active stage
+        # 6. generalized RIS: does the expression name anything here? (`refseg.no_target`)
+        no_target_logits = None
+        if self.no_target_head is not None:
+            token_map = image_tokens.transpose(1, 2).reshape(batch, -1, *grid)  # (B, D, h, w)
+            no_target_logits = self.no_target_head(eos_tokens, token_map, coarse_logits)
+        # 7. loss of the active stage (+ the presence term)
         loss, loss_dict = None, None
         if labels is not None:
             loss, loss_dict = self._loss(labels, coarse_logits, logits)
+            loss, loss_dict = add_no_target_loss(self.config, no_target_logits, labels, loss, loss_dict)
         return ReferringSegmentationOutput(
             loss=loss, logits=logits, coarse_logits=coarse_logits, image_embeds=image_tokens,
-            text_embeds=eos_tokens, loss_dict=loss_dict,
+            text_embeds=eos_tokens, loss_dict=loss_dict, no_target_logits=no_target_logits,
         )
 
     def _loss(self, labels, coarse_logits, logits):
