@@ -124,9 +124,10 @@ def tiny_preset(method):
 
 
 def train_on_scenes(method, backbones, scenes, *, first_stage_steps=80, later_stage_steps=30, learning_rate=3e-3,
-                    seed=0):
+                    seed=0, config_overrides=None):
     """A tiny `method` model (its `tiny_preset(method)` on the tiny backbones) trained on `scenes`
     through every training stage of `refseg.training.METHODS[method]`, in eval mode at the end.
+    `config_overrides` (a dict of config fields, e.g. `{"no_target_head": True}`) go to the preset's config.
 
     Built by the training script's own `build_model_and_processor`; the optimizer holds the method's
     parameter groups where it has them (`MethodSpec.param_groups`).
@@ -139,7 +140,7 @@ def train_on_scenes(method, backbones, scenes, *, first_stage_steps=80, later_st
     from refseg.training.modeling import build_model_and_processor
 
     spec = get_method(method)
-    args = SimpleNamespace(preset=tiny_preset(method), model_name_or_path=None, config_overrides=None,
+    args = SimpleNamespace(preset=tiny_preset(method), model_name_or_path=None, config_overrides=config_overrides,
                            **{name: str(backbones[name]) for name in spec.backbones})
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

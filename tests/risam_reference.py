@@ -229,13 +229,14 @@ def reference_attention(attn, num_heads, query, key, value, key_mask=None):
     return linear(torch.cat(outs, dim=-1), attn.out_proj)
 
 
-def reference_decoder(decoder, num_heads, f_lav, f_val, word_mask, grid, word_positions):
+def reference_decoder(decoder, num_heads, f_lav, f_val, word_mask, grid, word_positions, state=None):
     """Eqs. 6-9, the upsampling and mask = MLP(query token) . upsampled features -> logits (B, 4h, 4w).
 
     Documented departures: a LayerNorm after each residual (eqs. 6, 8, 9 have none); the word positions'
     sine encoding added to the queries and keys of eq. 8 and the keys of eq. 9 (zero for the query token),
     or nowhere in the decoder when `word_positions` is False (the encoding went on F_l instead); GELU after
-    each upsampling BatchNorm; the query MLP is Linear-ReLU-Linear-ReLU-Linear."""
+    each upsampling BatchNorm; the query MLP is Linear-ReLU-Linear-ReLU-Linear. A dict `state` receives the query
+    token F^_m after the blocks ("query", (B, C)) and the blocks' pixels on the grid ("pixels", (B, C, h, w))."""
     batch, _, width = f_lav.shape
     f_m = decoder.query_token.weight[None].expand(batch, -1, -1)  # the multi-modal query token (1, C)
     f_c = torch.cat([f_m, f_val], dim=1)  # F_c = [F_m, F_val]
@@ -253,6 +254,8 @@ def reference_decoder(decoder, num_heads, f_lav, f_val, word_mask, grid, word_po
         pixels = layer_norm(pixels + reference_attention(layer.cross_attn, num_heads, pixels, f_c + pos, f_c, mask),
                             layer.cross_norm)  # eq. 9
     x = pixels.transpose(1, 2).reshape(batch, width, *grid)
+    if state is not None:
+        state.update(query=f_c[:, 0], pixels=x)
     up1, bn1, _, up2, bn2, _ = decoder.upsample
     for up, bn in ((up1, bn1), (up2, bn2)):
         assert up.kernel_size == (2, 2) and up.stride == (2, 2)
@@ -262,7 +265,7 @@ def reference_decoder(decoder, num_heads, f_lav, f_val, word_mask, grid, word_po
     return (kernel[:, :, None, None] * x).sum(1)  # the mask: the kernel's dot product with every pixel
 
 
-def reference_forward(model, stock_encoders, pixel_values, input_ids, attention_mask, stats=None):
+def reference_forward(model, stock_encoders, pixel_values, input_ids, attention_mask, stats=None, state=None):
     """The whole model from the paper: SAM levels (2nd-4th global blocks), F_l, eqs. 1-9."""
     sam, clip = stock_encoders
     config = model.config
@@ -287,7 +290,7 @@ def reference_forward(model, stock_encoders, pixel_values, input_ids, attention_
     for block in model.mutual_attention:
         f_v, f_l = reference_mutual_attention(block, f_v, f_l, word_mask, tau, reading, stats)
     logits = reference_decoder(model.mask_decoder, config.decoder_num_heads, f_v, f_l, word_mask, grid,
-                               config.word_position_encoding == "decoder")
+                               config.word_position_encoding == "decoder", state)
     return logits, f_v, f_l
 
 

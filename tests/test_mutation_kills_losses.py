@@ -124,8 +124,9 @@ def test_targets_of_exactly_one_half_are_background():
     loss = instance_contrastive_loss(logits, half)
     assert loss.item() > 0
     torch.testing.assert_close(loss, instance_contrastive_loss(logits, zeros))
-    # ... and Y of the zero targets is all ones (both masks identical, i.e. the same instance).
-    expected = _reference_contrastive(logits.sigmoid(), torch.ones(2, 2), torch.ones(2))
+    # ... and Y of the zero targets is the identity: two rows with no referent are two instances
+    # (generalized RIS), not one, although their (empty) masks are identical.
+    expected = _reference_contrastive(logits.sigmoid(), torch.eye(2), torch.ones(2))
     torch.testing.assert_close(loss, expected)
 
 

@@ -145,9 +145,14 @@ def bce_loss(
 
 
 def _same_instance(targets: torch.Tensor) -> torch.Tensor:
-    """`Y` of eq. 8 from target masks (b, K): 1 where two binary targets are identical."""
+    """`Y` of eq. 8 from target masks (b, K): 1 where two binary targets are identical and not empty, and on
+    the diagonal. Two no-target rows (empty targets, generalized RIS) are not one instance: each row with no
+    referent is its own, so ICL pushes its prediction apart from every other row's mask."""
     binary = targets > 0.5
-    return (binary[:, None, :] == binary[None, :, :]).all(dim=-1).to(targets.dtype)
+    identical = (binary[:, None, :] == binary[None, :, :]).all(dim=-1)
+    present = binary.any(dim=-1)
+    diagonal = torch.eye(binary.shape[0], dtype=torch.bool, device=binary.device)
+    return ((identical & present[:, None] & present[None, :]) | diagonal).to(targets.dtype)
 
 
 def _hard_iou(probs: torch.Tensor, targets: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -190,7 +195,9 @@ def instance_contrastive_loss(
       whose prediction and target are both empty gets `w_i = 1`.
     - `Y_ij` comes from `instance_ids` when given; otherwise two sentences are the same instance
       when their binary target masks are identical (true within one image for RefCOCO-style data,
-      where every sentence of an object shares the object's mask).
+      where every sentence of an object shares the object's mask) and not empty: two sentences with
+      no referent (generalized RIS) are two instances, so each no-target prediction is pushed apart
+      from every other mask of its image.
     - The diagonal (i = j) is kept as in the sums of eq. 8; since `O_ii = 1` and `Y_ii = 1`, it
       contributes exactly 0 but counts in the `1/b^2` normaliser. A one-sentence image gives 0.
     - Numerics: the denominator of eq. 7 is clamped at `eps`, and `log O` / `log(1 - O)` take
