@@ -56,29 +56,37 @@ def ensure_refshapes(data_args):
         make_refshapes(data_args.data_root, num_images=data_args.refshapes_num_images, seed=data_args.refshapes_seed)
 
 
+def check_refshapes_matches(root, num_images: int, seed: int) -> None:
+    """`ValueError` when `<root>/refshapes/` exists but was generated with another seed or image count.
+
+    `make_refshapes(..., generalized=True)` (re)writes `refshapes/` and `images/` besides `grefshapes/`,
+    byte-identical for the same seed and count; with others it would change the data (and the pretrained
+    backbones or models made from it) in place."""
+    existing = Path(root) / "refshapes" / "instances.json"
+    if not existing.is_file():
+        return
+    instances = json.loads(existing.read_text())
+    found = (instances.get("info", {}).get("seed"), len(instances.get("images", [])))
+    if found != (seed, num_images):
+        raise ValueError(
+            f"{root}: RefShapes there has seed {found[0]} and {found[1]} images, but generalized RefShapes would be "
+            f"generated with seed {seed} and {num_images} images, rewriting them: generate it with seed {found[0]} "
+            f"and {found[1]} images (train.py: --refshapes_seed, --refshapes_num_images), or in another folder")
+
+
 def ensure_grefshapes(data_args):
     """Generate generalized RefShapes (`<data_root>/grefshapes/`, `make_refshapes(..., generalized=True)`) when it
-    is missing (call on the main process first).
-
-    The generator also (re)writes `refshapes/` and `images/`, byte-identical for the same seed and image count;
-    a `refshapes/` already there from another seed or count would change, so that is a `ValueError`."""
+    is missing (call on the main process first); `check_refshapes_matches` first. Returns the generator's summary,
+    or None when the data was there."""
     from ..data import make_refshapes
 
     root = Path(data_args.data_root)
     if (root / "grefshapes" / "grefs(unc).json").is_file():
-        return
+        return None
     num_images, seed = data_args.refshapes_num_images, data_args.refshapes_seed
-    existing = root / "refshapes" / "instances.json"
-    if existing.is_file():
-        instances = json.loads(existing.read_text())
-        found = (instances.get("info", {}).get("seed"), len(instances.get("images", [])))
-        if found != (seed, num_images):
-            raise ValueError(
-                f"{root}: RefShapes there has seed {found[0]} and {found[1]} images, but generalized RefShapes would "
-                f"be generated with seed {seed} and {num_images} (rewriting its images): pass --refshapes_seed "
-                f"{found[0]} --refshapes_num_images {found[1]}, or another --data_root")
+    check_refshapes_matches(root, num_images, seed)
     logger.info("generating generalized RefShapes (%d images, seed %d) in %s", num_images, seed, root)
-    make_refshapes(root, num_images=num_images, seed=seed, generalized=True)
+    return make_refshapes(root, num_images=num_images, seed=seed, generalized=True)
 
 
 def load_split(data_args, split: str):
