@@ -168,16 +168,16 @@ def main(argv=None):
     label = iter(f"[{i}/{total}]" for i in range(1, total + 1))
 
     data = work / "data"
-    name = "generalized RefShapes" if args.generalized else "RefShapes"
+    data_name = "generalized RefShapes" if args.generalized else "RefShapes"
     marker = data / "grefshapes" / "grefs(unc).json" if args.generalized else data / "refshapes" / "refs(unc).p"
     train_flags = generalized_flags(args.config) if args.generalized else []  # a bad config fails before any work
     if not marker.is_file():
         if args.generalized:  # it rewrites refshapes/ and the images: they must come out the same
             check_refshapes_matches(data, args.num_images, args.seed)
         summary = make_refshapes(data, num_images=args.num_images, seed=args.seed, generalized=args.generalized)
-        print(f"{next(label)} {name}: {json.dumps(summary['generalized' if args.generalized else 'splits'])}")
+        print(f"{next(label)} {data_name}: {json.dumps(summary['generalized' if args.generalized else 'splits'])}")
     else:
-        print(f"{next(label)} {name}: reusing {data}")
+        print(f"{next(label)} {data_name}: reusing {data}")
 
     backbones = work / "backbones"
     missing = [name for name in PRETRAINABLE_BACKBONES if not (backbones / name / "config.json").is_file()]
@@ -200,7 +200,7 @@ def main(argv=None):
     results = train.main(["--config", args.config, *train_flags, *flags, "--data_root", str(data),
                           "--output_dir", str(model_dir), "--seed", str(args.seed), *args.train_overrides])
 
-    print(f"{next(label)} {name} results of {model_dir} (percent; {time.time() - t0:.0f} s in all):")
+    print(f"{next(label)} {data_name} results of {model_dir} (percent; {time.time() - t0:.0f} s in all):")
     print(format_results_table(results))
     if "val" in results and not args.generalized:  # kinds come from the RefShapes grammar
         print("val by kind of expression (scripts/evaluate.py --by_kind):")

@@ -211,7 +211,7 @@ def test_quickstart_generalized_trains_the_g_preset_on_grefshapes(stubbed_quicks
                             "--preset", preset]
         assert argv[argv.index("--output_dir") + 1] == str(work / f"model-{method}-g")
         assert argv[-2:] == ["--seed", "9"]
-        assert "generalized RefShapes" in out and "presence head" in out
+        assert "generalized RefShapes results of" in out and "presence head" in out
     assert [c for c in calls if c[0] == "data"] == []  # the second method reused the generalized data
     assert not evaluated
     # a plain quickstart in the same workdir still uses its own data marker and model folder
