@@ -21,6 +21,11 @@ default `<model>/eval_<dataset>.json` for a folder. The record names its dataset
 (`--split_by`, or the dataset's default), so `scripts/push_to_hub.py --eval_results` reads them
 from the file, whatever it is called. `main` returns the bare `{split: metrics}` (with several
 models, `{model label: {split: metrics}}`).
+On a generalized dataset (`--dataset grefcoco`, gRefCOCO in `<data_root>/grefcoco/`, or `grefshapes`, generated
+RefShapes with no-target and multi-target expressions), the table holds gIoU, cIoU, N-acc, T-acc and
+precision@X over the samples with a target (`refseg.metrics.summarize_generalized_counts`; `--accuracy_convention`),
+and a model with the presence head empties the masks it judges to have no target (its config's
+`no_target_threshold`, or `--no_target_threshold`).
 On RefShapes, `--by_kind` also breaks each split down by kind of expression
 (`refseg.data.expression_kind`: colour, shape, colour+shape, size, position, ordinal, relation),
 printed as a second table and written next to the JSON as `<name>_by_kind.json`.
@@ -40,8 +45,8 @@ import numpy as np
 import refseg  # noqa: F401  (registers the models with the Auto classes)
 from refseg.baselines import load_referring_model_and_processor
 from refseg.data.refshapes import EXPRESSION_KINDS, expression_kind
-from refseg.metrics import PRECISION_COMPARISONS, summarize_counts
-from refseg.training.data import load_eval_splits, resolve_split_by
+from refseg.metrics import ACCURACY_CONVENTIONS, PRECISION_COMPARISONS, summarize_counts, summarize_generalized_counts
+from refseg.training.data import GENERALIZED_DATASETS, is_generalized, load_eval_splits, resolve_split_by
 from refseg.training.evaluation import (
     format_comparison_table, format_results_table, predict_masks, render_examples, split_counts, summarize_by_group,
     write_eval_results,
@@ -54,7 +59,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, action="append",
                    help="model folder or Hub id (refseg model or baseline); repeat to compare models")
-    p.add_argument("--dataset", default="refshapes", help="refshapes | refcoco | refcoco+ | refcocog")
+    p.add_argument("--dataset", default="refshapes",
+                   help="refshapes | refcoco | refcoco+ | refcocog; generalized: grefcoco | grefshapes")
     p.add_argument("--split_by", default=None, help="unc | umd | google (default per dataset)")
     p.add_argument("--data_root", default="data")
     p.add_argument("--image_root", default=None)
@@ -67,6 +73,10 @@ def parse_args(argv=None):
                    help="a sample counts for precision@X when its IoU is > X (default) or >= X (LAVT's code)")
     p.add_argument("--empty_iou", type=int, default=1, choices=(0, 1),
                    help="IoU of a sample whose prediction and target are both empty (1, default; CRIS/LAVT code: 0)")
+    p.add_argument("--no_target_threshold", type=float, default=None,
+                   help="presence head: empty the mask where P(no target) exceeds this (default: the model config's)")
+    p.add_argument("--accuracy_convention", default="gsva", choices=ACCURACY_CONVENTIONS,
+                   help="generalized datasets: N-acc / T-acc as GSVA's code (default) or ReLA's (docs/metrics.md)")
     p.add_argument("--max_samples", type=int, default=None, help="first N sentences per split")
     p.add_argument("--mixed_precision", default=None)
     p.add_argument("--output", default=None, help="JSON file for the metrics")
@@ -82,6 +92,11 @@ def parse_args(argv=None):
         if not count.isdigit() or int(count) < 1:
             raise ValueError(f"`--save_examples` takes N >= 1 and a folder, got {args.save_examples}")
         args.save_examples = (int(count), Path(folder))
+    if args.empty_iou != 1 and args.dataset in GENERALIZED_DATASETS:
+        raise ValueError("`--empty_iou` is a convention of the standard metrics; on a generalized dataset a no-target "
+                         "sample predicted empty counts 1 in gIoU by definition")
+    if args.no_target_threshold is not None and not 0 < args.no_target_threshold < 1:
+        raise ValueError(f"`--no_target_threshold` must be in (0, 1), got {args.no_target_threshold}")
     if args.by_kind and args.dataset != "refshapes":
         raise ValueError(f"`--by_kind` needs `--dataset refshapes` (kinds come from the RefShapes grammar), "
                          f"got {args.dataset!r}")
@@ -119,24 +134,35 @@ def main(argv=None):
     if args.save_examples:
         count = min(args.save_examples[0], len(first_split))
         example_indices = np.unique(np.linspace(0, len(first_split) - 1, count).round().astype(int)).tolist()
+    generalized = is_generalized(data_args)
     conventions = {"precision_comparison": args.precision_comparison, "empty_iou": args.empty_iou}
     labels = model_labels(args.model)
     all_results, example_masks, example_ious = {}, {}, {}
     for name, label in zip(args.model, labels):
         model, processor = load_referring_model_and_processor(name)
         model.to(accelerator.device)
+        if args.no_target_threshold is not None:  # read by the post-processing (`post_process_kwargs`)
+            if getattr(model.config, "no_target_threshold", None) is None:
+                raise ValueError(f"`--no_target_threshold`: {name} has no presence head threshold in its config")
+            model.config.no_target_threshold = args.no_target_threshold
         results, by_kind = {}, {}
         for split, samples in splits.items():
             rows = split_counts(model, processor, samples, accelerator=accelerator, batch_size=args.batch_size,
                                 num_workers=args.num_workers, threshold=args.threshold, output=SCORED_OUTPUT,
-                                desc=f"{label} {split}")
-            results[split] = summarize_counts(rows[:, 1:], **conventions)
+                                desc=f"{label} {split}", generalized=generalized)
+            if generalized:
+                results[split] = summarize_generalized_counts(
+                    rows[:, 1:], precision_comparison=args.precision_comparison,
+                    accuracy_convention=args.accuracy_convention)
+            else:
+                results[split] = summarize_counts(rows[:, 1:], **conventions)
             if args.by_kind:
                 kinds = [expression_kind(sentence) for sentence in samples.dataset["sentence"]]
                 by_kind[split] = summarize_by_group(rows, kinds, order=EXPRESSION_KINDS, **conventions)
             if split == next(iter(splits)) and example_indices:
                 counts = rows[example_indices, 1:]
-                example_ious[label] = counts[:, 0] / np.maximum(counts[:, 1], 1)
+                empty = float(generalized)  # both masks empty: 1 in gIoU (a no-target sample predicted empty)
+                example_ious[label] = np.where(counts[:, 1] > 0, counts[:, 0] / np.maximum(counts[:, 1], 1), empty)
         if example_indices and accelerator.is_main_process:
             example_masks[label] = predict_masks(model, processor, first_split, example_indices,
                                                  device=accelerator.device, batch_size=args.batch_size,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The whole package in one command, on a CPU, offline.
 
-    python scripts/quickstart.py [--workdir refseg-quickstart] [--method risclip|cris|risam|prompt_ris]
+    python scripts/quickstart.py [--workdir refseg-quickstart] [--method risclip|cris|risam|prompt_ris] [--generalized]
 
 1. generates RefShapes (the procedural RefCOCO-format dataset) in <workdir>/data;
 2. builds a tiny CLIP (and its BPE tokenizer) and a tiny SAM locally in <workdir>/backbones — no
@@ -16,6 +16,12 @@
 4. prints the metric table, then val broken down by kind of expression (scripts/evaluate.py
    --by_kind). The model lands in <workdir>/model (the Gradio Space's default), or model-<method>.
 Every step that is already done is reused on a second run (a pretrained backbone whatever its step count).
+
+`--generalized`: generalized referring segmentation instead. Step 1 also writes generalized RefShapes
+(<workdir>/data/grefshapes: gRefCOCO's format, expressions naming several shapes or none; `refshapes/` and the
+images stay the same, so backbones pretrained on them are reused); step 3 trains the method's tiny `-g` preset
+(its presence head on) with the same quickstart config and schedule (`generalized_flags`), into
+<workdir>/model-<method>-g; step 4 prints gIoU, cIoU, N-acc, T-acc and precision@X per split (no by-kind table).
 """
 
 import _scripts_path  # noqa: F401  (first: keeps scripts/evaluate.py from shadowing `evaluate`)
@@ -34,6 +40,7 @@ from refseg.backbones import save_tiny_backbones
 from refseg.data import make_refshapes
 from refseg.training.clip_pretraining import pretrain_clip
 from refseg.training.evaluation import format_results_table
+from refseg.training.data import check_refshapes_matches
 from refseg.training.sam_pretraining import pretrain_sam
 from refseg.training.schedules import parse_stages
 
@@ -48,6 +55,9 @@ DEFAULT_PRETRAINING_STEPS = {"clip": 800, "sam": 800}
 # Methods whose quickstart differs from those defaults (0: the random tiny backbone, not pretrained).
 METHOD_PRETRAINING_STEPS = {}
 # SAM pretraining settings (refseg.training.sam_pretraining; figures in its docstring and docs/risam.md).
+# --generalized: train.py flags after the method's quickstart config (its schedule kept): the data, and the
+# config's tiny preset swapped for its `-g` twin (`refseg.presets`: the same model plus the presence head).
+GENERALIZED_DATASET = "grefshapes"
 SAM_PRETRAINING = dict(learning_rate=2e-3, batch_size=4, objects_per_image=4,
                        positional_embedding_std=1.0)  # the tiny SAM is random: SAM's own Fourier scale
 
@@ -67,6 +77,9 @@ def parse_args(argv=None):
                    help="which tiny model to train (its config: scripts/configs/" + ", ".join(
                        f"{m} -> {c}" for m, c in sorted(QUICKSTART_CONFIGS.items())) + ")")
     p.add_argument("--config", default=None, help="train.py YAML config (default: the method's quickstart config)")
+    p.add_argument("--generalized", action="store_true",
+                   help="generalized RIS: the tiny -g preset (presence head) on generalized RefShapes (expressions "
+                        "naming several shapes or none), scored by gIoU, cIoU, N-acc, T-acc")
     p.add_argument("train_overrides", nargs="*", help="extra `--key value` flags for scripts/train.py (after --)")
     args = p.parse_args(argv)
     if args.config is None:
@@ -111,6 +124,25 @@ def prepare_backbone(name, raw, folder, data, steps, seed, step_label) -> Path:
     return folder
 
 
+def generalized_flags(config_path) -> list:
+    """The train.py flags `--generalized` adds after `config_path`: `--dataset grefshapes --preset <preset>-g`."""
+    from refseg.presets import PRESETS
+
+    preset = (yaml.safe_load(Path(config_path).read_text()) or {}).get("preset")
+    if not preset or f"{preset}-g" not in PRESETS:
+        raise ValueError(f"--generalized: {config_path} names preset {preset!r}, which has no `-g` twin in "
+                         "refseg.presets (GENERALIZED_BASES)")
+    return ["--dataset", GENERALIZED_DATASET, "--preset", f"{preset}-g"]
+
+
+def model_folder(work: Path, method: str, generalized: bool = False) -> Path:
+    """<workdir>/model for the default method (the Space's default), model-<method> otherwise; model-<method>-g
+    with `--generalized` (the default method's too: the Space's default model stays the standard one)."""
+    if generalized:
+        return work / f"model-{method}-g"
+    return work / ("model" if method == DEFAULT_METHOD else f"model-{method}")
+
+
 def stage_plan(config_path, train_overrides) -> str:
     """`"locator 1200 steps, refiner 400 steps"`: the `stages` a run of `config_path` with the extra
     `train.py` flags `train_overrides` trains (the last `--stages` / `--stage_unit` flag wins)."""
@@ -136,11 +168,16 @@ def main(argv=None):
     label = iter(f"[{i}/{total}]" for i in range(1, total + 1))
 
     data = work / "data"
-    if not (data / "refshapes" / "refs(unc).p").is_file():
-        summary = make_refshapes(data, num_images=args.num_images, seed=args.seed)
-        print(f"{next(label)} RefShapes: {json.dumps(summary['splits'])}")
+    data_name = "generalized RefShapes" if args.generalized else "RefShapes"
+    marker = data / "grefshapes" / "grefs(unc).json" if args.generalized else data / "refshapes" / "refs(unc).p"
+    train_flags = generalized_flags(args.config) if args.generalized else []  # a bad config fails before any work
+    if not marker.is_file():
+        if args.generalized:  # it rewrites refshapes/ and the images: they must come out the same
+            check_refshapes_matches(data, args.num_images, args.seed)
+        summary = make_refshapes(data, num_images=args.num_images, seed=args.seed, generalized=args.generalized)
+        print(f"{next(label)} {data_name}: {json.dumps(summary['generalized' if args.generalized else 'splits'])}")
     else:
-        print(f"{next(label)} RefShapes: reusing {data}")
+        print(f"{next(label)} {data_name}: reusing {data}")
 
     backbones = work / "backbones"
     missing = [name for name in PRETRAINABLE_BACKBONES if not (backbones / name / "config.json").is_file()]
@@ -156,15 +193,16 @@ def main(argv=None):
                                   getattr(args, f"{name}_pretraining_steps"), args.seed, next(label))
         flags += [f"--{name}", str(folder)]
 
-    print(f"{next(label)} training the tiny {args.method} ({Path(args.config).name}): "
+    what = f"{args.method} with the presence head ({' '.join(train_flags)})" if args.generalized else args.method
+    print(f"{next(label)} training the tiny {what} ({Path(args.config).name}): "
           f"{stage_plan(args.config, args.train_overrides)}")
-    model_dir = work / ("model" if args.method == DEFAULT_METHOD else f"model-{args.method}")
-    results = train.main(["--config", args.config, *flags, "--data_root", str(data),
+    model_dir = model_folder(work, args.method, args.generalized)
+    results = train.main(["--config", args.config, *train_flags, *flags, "--data_root", str(data),
                           "--output_dir", str(model_dir), "--seed", str(args.seed), *args.train_overrides])
 
-    print(f"{next(label)} RefShapes results of {model_dir} (percent; {time.time() - t0:.0f} s in all):")
+    print(f"{next(label)} {data_name} results of {model_dir} (percent; {time.time() - t0:.0f} s in all):")
     print(format_results_table(results))
-    if "val" in results:
+    if "val" in results and not args.generalized:  # kinds come from the RefShapes grammar
         print("val by kind of expression (scripts/evaluate.py --by_kind):")
         _evaluate_script().main(["--model", str(model_dir), "--data_root", str(data), "--split", "val",
                                  "--by_kind"])

@@ -37,9 +37,9 @@ from refseg.training import (
 from refseg.training.best import BestTracker, parse_best_metric, write_best_folder
 from refseg.training.checkpointing import pause_point
 from refseg.data import RandomAffineSaturation
-from refseg.training.data import load_eval_splits, load_train_split, resolve_split_by
+from refseg.training.data import is_generalized, load_eval_splits, load_train_split, resolve_split_by
 from refseg.training.distributed import convert_sync_batch_norm
-from refseg.training.evaluation import write_eval_results
+from refseg.training.evaluation import GENERALIZED_METRIC_COLUMNS, METRIC_COLUMNS, write_eval_results
 from refseg.training.modeling import (build_model_and_processor, prepare_scalars_for_fsdp, scalar_shapes_restored,
                                      stage_parameters)
 from refseg.training.optim import build_optimizer, resolve_gradient_accumulation
@@ -50,10 +50,12 @@ from refseg.training.schedules import parse_stage_learning_rates, parse_stages
 logger = get_logger(__name__)
 
 
-def run_evaluation(accelerator, model, processor, eval_sets, args, step, output, num_workers=0):
-    """Score every eval split by the model output `output` (the active stage's, `MethodSpec.scored_output`).
+def run_evaluation(accelerator, model, processor, eval_sets, args, step, output, num_workers=0, generalized=False):
+    """Score every eval split by the model output `output` (the active stage's, `MethodSpec.scored_output`);
+    `generalized` (gRefCOCO, grefshapes): by gIoU, cIoU, N-acc, T-acc and precision@X of the target samples.
 
-    Logged as `step N <split> [<output>]: ...` and tracked as `eval/<output>/<split>/<metric>`.
+    Logged as `step N <split> [<output>]: ...` and tracked as `eval/<output>/<split>/<metric>` (a metric over no
+    sample, None, e.g. N-acc of a split without a no-target expression, is left out of both).
     Evaluation leaves the training random state untouched (`torch.random.fork_rng`): each eval loader
     draws its base seed from the global generator, and a run that evaluates between checkpoints
     must draw the same dropout masks, Gumbel noise and word masks after a resume as without one.
@@ -65,11 +67,13 @@ def run_evaluation(accelerator, model, processor, eval_sets, args, step, output,
         with torch.random.fork_rng(devices=forked):
             metrics = evaluate_split(accelerator.unwrap_model(model), processor, samples,
                                      accelerator=accelerator, batch_size=args.per_device_eval_batch_size,
-                                     num_workers=num_workers, output=output, desc=f"eval {split} [{output}]")
+                                     num_workers=num_workers, output=output, desc=f"eval {split} [{output}]",
+                                     generalized=generalized)
         results[split] = metrics
         logger.info("step %d %s [%s]: %s", step, split, output,
-                    ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "num_samples"))
-        accelerator.log({f"eval/{output}/{split}/{k}": v for k, v in metrics.items()}, step=step)
+                    ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                              if not k.startswith("num_") and v is not None))
+        accelerator.log({f"eval/{output}/{split}/{k}": v for k, v in metrics.items() if v is not None}, step=step)
     return results
 
 
@@ -120,7 +124,9 @@ def main(argv=None):
     with accelerator.main_process_first():
         train_rows = load_train_split(data_args)
         eval_sets = load_eval_splits(data_args)
-    best_split_metric = parse_best_metric(args.best_metric, eval_sets) if args.best_metric else None
+    generalized = is_generalized(data_args)  # scored by gIoU, cIoU, N-acc, T-acc (`--best_metric val/gIoU`)
+    metric_names = (*(GENERALIZED_METRIC_COLUMNS if generalized else METRIC_COLUMNS), "num_samples")
+    best_split_metric = parse_best_metric(args.best_metric, eval_sets, metric_names) if args.best_metric else None
     train_data = build_train_data(spec.sampler, train_rows, processor,
                                   per_device_batch_size=args.per_device_train_batch_size,
                                   rank=accelerator.process_index, num_processes=accelerator.num_processes,
@@ -257,7 +263,8 @@ def main(argv=None):
                 checkpoint_now(global_step)
             if args.eval_steps and global_step % args.eval_steps == 0 and global_step < plan.total_steps:
                 track_best(run_evaluation(accelerator, model, processor, eval_sets, args, global_step,
-                                          spec.scored_output(stage), data_args.dataloader_num_workers), global_step)
+                                          spec.scored_output(stage), data_args.dataloader_num_workers,
+                                          generalized=generalized), global_step)
     progress.close()
 
     # the final evaluation scores the output of the run's last stage (`logits` after RISCLIP's Refiner)
@@ -265,7 +272,7 @@ def main(argv=None):
     results = {}
     if eval_sets:
         results = run_evaluation(accelerator, model, processor, eval_sets, args, global_step, final_output,
-                                 data_args.dataloader_num_workers)
+                                 data_args.dataloader_num_workers, generalized=generalized)
         track_best(results, global_step)
     state_dict = None
     if is_sharded(raw_model):  # FSDP: every process hands in its shards

@@ -24,14 +24,14 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default="refshapes", metadata={"help": "refshapes | refcoco | refcoco+ | refcocog, or several comma-separated (trained together without any held-out image; evaluation splits then named <dataset>:<split>)"})
-    split_by: Optional[str] = field(default=None, metadata={"help": "unc (refcoco, refcoco+, refshapes) | umd | google (refcocog); comma-separated per dataset for several"})
-    data_root: str = field(default="data", metadata={"help": "folder holding <dataset>/refs(<split_by>).p and instances.json"})
+    dataset: str = field(default="refshapes", metadata={"help": "refshapes | refcoco | refcoco+ | refcocog, or several comma-separated (trained together without any held-out image; evaluation splits then named <dataset>:<split>); generalized (no-target and multi-target expressions, scored by gIoU / cIoU / N-acc / T-acc): grefcoco | grefshapes (generated like refshapes when missing)"})
+    split_by: Optional[str] = field(default=None, metadata={"help": "unc (refcoco, refcoco+, refshapes, grefcoco, grefshapes) | umd | google (refcocog); comma-separated per dataset for several"})
+    data_root: str = field(default="data", metadata={"help": "folder holding <dataset>/refs(<split_by>).p (gRefCOCO: grefs(<split_by>).json) and instances.json"})
     image_root: Optional[str] = field(default=None, metadata={"help": "image folder (default <data_root>/images)"})
     parquet_files: Optional[str] = field(default=None, metadata={"help": "read parquet copies instead: a glob per split, '{split}' is replaced"})
     train_split: str = field(default="train", metadata={"help": "split to train on"})
     eval_splits: str = field(default="val", metadata={"help": "comma-separated splits to evaluate ('' for none)"})
-    refshapes_num_images: int = field(default=1000, metadata={"help": "images generated when RefShapes is missing"})
+    refshapes_num_images: int = field(default=1000, metadata={"help": "images generated when RefShapes (or grefshapes) is missing"})
     refshapes_seed: int = field(default=0, metadata={"help": "seed of the generated RefShapes"})
     augment: bool = field(default=False, metadata={"help": "random affine + saturation augmentation"})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N training refs"})

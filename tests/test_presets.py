@@ -105,3 +105,34 @@ def test_count_params_script_prints_a_table_per_stage(capsys):
     assert lines[2].startswith("| risclip-tiny | ")
     with pytest.raises(SystemExit):
         script.main(["risclip-xxl"])
+
+
+def test_generalized_presets_add_only_the_presence_head():
+    """Every `-g` preset is its base with `no_target_head=True` and nothing else; the base keeps the head off."""
+    import refseg.presets as presets
+
+    generalized = sorted(n for n in PRESETS if n.endswith("-g"))
+    assert generalized == sorted(f"{base}-g" for base in presets.GENERALIZED_BASES)
+    for name in ("risclip-b-g", "cris-b-g", "risam-h-g", "risam-b-g", "prompt-ris-b-g", "risclip-tiny-g",
+                 "cris-tiny-g", "risam-tiny-g", "prompt-ris-tiny-g"):
+        assert name in generalized
+    for name in generalized:
+        base_name = name[: -len("-g")]
+        preset, base = PRESETS[name], PRESETS[base_name]
+        assert (preset.method, dict(preset.backbones)) == (base.method, dict(base.backbones))
+        assert dict(preset.config_overrides) == {**base.config_overrides, "no_target_head": True}
+        with_head, without = get_config(name).to_dict(), get_config(base_name).to_dict()
+        assert get_config(base_name).no_target_head is False
+        assert {k for k in with_head if with_head[k] != without.get(k)} == {"no_target_head"}
+    assert "risclip-b-paper-g" not in PRESETS and "clipseg-tiny-g" not in PRESETS
+    for name in PRESETS:  # the module docstring names every preset
+        assert f"`{name}`" in presets.__doc__, name
+
+
+def test_a_tiny_generalized_preset_builds_a_model_with_the_presence_head(tiny_backbones, single_thread):
+    model = RisclipModel.from_backbones(clip=tiny_backbones["clip"], **PRESETS["risclip-tiny-g"].config_overrides)
+    assert model.config.no_target_head is True
+    pixel_values = torch.zeros(2, 3, 64, 64)
+    input_ids = torch.tensor([[1, 5, 2], [1, 6, 2]])  # the tiny vocabulary
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    assert out.no_target_logits.shape == (2,)

@@ -1,6 +1,7 @@
 """scripts/quickstart.py (the README's main command) end to end, at toy size."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +181,70 @@ def test_quickstart_adds_a_missing_tiny_backbone_without_rewriting_the_other(stu
     assert (clip / "config.json").read_text() == '{"old": true}'
     assert (clip.parent / "sam" / "config.json").is_file()
     assert not (clip.parent / ".tiny-tmp").exists()
+
+
+def test_quickstart_generalized_trains_the_g_preset_on_grefshapes(stubbed_quickstart, tmp_path, capsys, monkeypatch):
+    """--generalized: generalized RefShapes generated (grefshapes/), train.py gets `--dataset grefshapes --preset
+    <tiny>-g` right after the method's own quickstart config (its schedule kept; the user's flags still win), the
+    model lands in model-<method>-g, and no by-kind table (a RefShapes-grammar breakdown) follows."""
+    quickstart, calls = stubbed_quickstart
+
+    def make_refshapes(root, **kwargs):
+        calls.append(("data", root, kwargs))
+        for folder, marker in (("refshapes", "refs(unc).p"), ("grefshapes", "grefs(unc).json")):
+            if folder == "refshapes" or kwargs.get("generalized"):
+                (root / folder).mkdir(parents=True, exist_ok=True)
+                (root / folder / marker).write_text("")
+        return {"splits": {}, "generalized": {"val": {"refs": 1, "multi_target": 0, "no_target": 1}}}
+
+    monkeypatch.setattr(quickstart, "make_refshapes", make_refshapes)
+    evaluated = []
+    monkeypatch.setattr(quickstart, "_evaluate_script", lambda: type("S", (), {"main": evaluated.append}))
+    work = tmp_path / "qs"
+    for method, preset in [("risclip", "risclip-tiny-g"), ("prompt_ris", "prompt-ris-tiny-g")]:
+        calls.clear()
+        quickstart.main(["--workdir", str(work), "--method", method, "--generalized", "--", "--seed", "9"])
+        out = capsys.readouterr().out
+        argv = [c for c in calls if c[0] == "train"][0][1]
+        config = quickstart.QUICKSTART_CONFIGS[method]
+        assert argv[:6] == ["--config", str(quickstart._SCRIPTS / "configs" / config), "--dataset", "grefshapes",
+                            "--preset", preset]
+        assert argv[argv.index("--output_dir") + 1] == str(work / f"model-{method}-g")
+        assert argv[-2:] == ["--seed", "9"]
+        assert "generalized RefShapes results of" in out and "presence head" in out
+    assert [c for c in calls if c[0] == "data"] == []  # the second method reused the generalized data
+    assert not evaluated
+    # a plain quickstart in the same workdir still uses its own data marker and model folder
+    calls.clear()
+    quickstart.main(["--workdir", str(work)])
+    argv = [c for c in calls if c[0] == "train"][0][1]
+    assert "--dataset" not in argv and argv[argv.index("--output_dir") + 1] == str(work / "model")
+
+
+def test_quickstart_generalized_generates_with_the_same_seed_and_count_or_refuses(stubbed_quickstart, tmp_path,
+                                                                                   monkeypatch):
+    quickstart, calls = stubbed_quickstart
+    made = []
+    monkeypatch.setattr(quickstart, "make_refshapes",
+                        lambda root, **kwargs: made.append(kwargs) or {"generalized": {}})
+    quickstart.main(["--workdir", str(tmp_path / "a"), "--generalized", "--num_images", "50", "--seed", "4"])
+    assert made == [{"num_images": 50, "seed": 4, "generalized": True}]
+    # RefShapes already there from another seed: generating grefshapes would rewrite its images
+    refshapes = tmp_path / "b" / "data" / "refshapes"
+    refshapes.mkdir(parents=True)
+    (refshapes / "instances.json").write_text(json.dumps({"info": {"seed": 0}, "images": [{}] * 50}))
+    with pytest.raises(ValueError, match="seed 0 and 50 images"):
+        quickstart.main(["--workdir", str(tmp_path / "b"), "--generalized", "--num_images", "50", "--seed", "4"])
+    assert len(made) == 1
+
+
+def test_every_quickstart_config_has_a_generalized_twin_preset():
+    import quickstart
+    from refseg.presets import PRESETS
+
+    for method, name in quickstart.QUICKSTART_CONFIGS.items():
+        flags = quickstart.generalized_flags(quickstart._SCRIPTS / "configs" / name)
+        assert flags[:2] == ["--dataset", "grefshapes"] and PRESETS[flags[3]].method == method
+        assert PRESETS[flags[3]].config_overrides["no_target_head"] is True
+    assert quickstart.parse_args(["--generalized"]).generalized and not quickstart.parse_args([]).generalized
+    assert quickstart.model_folder(Path("w"), "risclip", generalized=True) == Path("w") / "model-risclip-g"

@@ -8,7 +8,8 @@ architecture numbers, so `get_config(name)` works offline (no download). Train f
 weights (e.g. on the meta device, to count parameters) with `AutoModel.from_config(get_config(name))`.
 
 Adding a method's presets: write its backbone-config builders (or reuse the CLIP ones here) and add
-`Preset(...)` entries to `PRESETS` under names `<method>-<size>`.
+`Preset(...)` entries to `PRESETS` under names `<method>-<size>` (and the name to `GENERALIZED_BASES` for its
+`-g` twin).
 
 | preset | backbone | input | grid |
 | --- | --- | --- | --- |
@@ -25,6 +26,12 @@ Adding a method's presets: write its backbone-config builders (or reuse the CLIP
 | `prompt-ris-b` | CLIP ViT-B/16 (`openai/clip-vit-base-patch16`) + SAM ViT-B (`facebook/sam-vit-base`), both frozen | 480 + 1024 | 30x30 + 64x64 |
 | `prompt-ris-tiny` | `refseg.backbones.tiny_clip_config()` + `tiny_sam_config()` | 64 + 256 | 8x8 + 16x16 |
 | `clipseg-tiny` | the stock CLIPSeg decoder (baseline, `refseg.baselines`) on `tiny_clip_config()`, CLIP frozen | 64 | 8x8 |
+
+Generalized referring segmentation (gRefCOCO: an expression may name no object or several): `<base>-g` is
+preset `<base>` with `no_target_head=True` (the presence head of `refseg.no_target`), nothing else changed,
+for every base in `GENERALIZED_BASES`: `risclip-b-g`, `risclip-l-g`, `risclip-tiny-g`, `cris-b-g`, `cris-l-g`,
+`cris-tiny-g`, `risam-h-g`, `risam-b-g`, `risam-tiny-g`, `prompt-ris-b-g`, `prompt-ris-tiny-g`. The other
+presets keep the head off, as the papers have none.
 """
 
 from dataclasses import dataclass, field
@@ -278,6 +285,23 @@ PRESETS["clipseg-tiny"] = Preset(
 )
 
 
+# The presets that get a generalized (`-g`) twin: each method at each size; not the paper-backbone variant
+# (`risclip-b-paper`) nor the CLIPSeg baseline, whose stock decoder has no presence head.
+GENERALIZED_BASES = ("risclip-b", "risclip-l", "risclip-tiny", "cris-b", "cris-l", "cris-tiny", "risam-h", "risam-b",
+                     "risam-tiny", "prompt-ris-b", "prompt-ris-tiny")
+
+
+def generalized_preset(base: Preset) -> Preset:
+    """`base` with the presence head on (`no_target_head=True`): the same method, backbones and sizes."""
+    return Preset(method=base.method, backbones=base.backbones,
+                  config_overrides={**base.config_overrides, "no_target_head": True},
+                  description=base.description + "; with the no-target (presence) head for generalized RIS "
+                  "(gRefCOCO)", backbone_configs=base.backbone_configs)
+
+
+PRESETS.update({f"{name}-g": generalized_preset(PRESETS[name]) for name in GENERALIZED_BASES})
+
+
 def get_config(name: str, **overrides) -> PreTrainedConfig:
     """The method config of preset `name`, with `overrides` applied on top (built offline).
 
@@ -295,4 +319,5 @@ def get_config(name: str, **overrides) -> PreTrainedConfig:
     return AutoConfig.for_model(preset.method, **kwargs)
 
 
-__all__ = ["PRESETS", "Preset", "clip_vit_b16_config", "clip_vit_b16_plus_240_config", "clip_vit_l14_336_config", "get_config", "sam_vit_config"]
+__all__ = ["GENERALIZED_BASES", "PRESETS", "Preset", "clip_vit_b16_config", "clip_vit_b16_plus_240_config",
+           "clip_vit_l14_336_config", "generalized_preset", "get_config", "sam_vit_config"]

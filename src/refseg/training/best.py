@@ -1,4 +1,5 @@
-"""Keep the model with the best validation score (`scripts/train.py --best_metric val/oIoU`).
+"""Keep the model with the best validation score (`scripts/train.py --best_metric val/oIoU`; on a generalized
+dataset, e.g. `--best_metric val/gIoU`).
 
 The authors of CRIS (and most RIS code) keep the checkpoint of the epoch with the best validation IoU
 besides the last one. `BestTracker` does that for any method: after every evaluation it compares
@@ -21,14 +22,18 @@ BEST_RECORD = "best_metric.json"
 MODES = ("max", "min")
 
 
-def parse_best_metric(spec: str, eval_splits) -> tuple:
-    """`"val/oIoU"` -> `("val", "oIoU")`; a `ValueError` when the form is wrong or the split is not evaluated."""
+def parse_best_metric(spec: str, eval_splits, metrics=None) -> tuple:
+    """`"val/oIoU"` -> `("val", "oIoU")`; a `ValueError` when the form is wrong, the split is not evaluated or
+    (given `metrics`, the names the run's evaluation reports) the metric is not one of them."""
     split, sep, metric = (spec or "").partition("/")
     if not sep or not split or not metric:
         raise ValueError(f"`best_metric` must read '<split>/<metric>' (e.g. 'val/oIoU'), got {spec!r}")
     splits = list(eval_splits)
     if split not in splits:
         raise ValueError(f"`best_metric` names split {split!r}, which is not evaluated (`eval_splits`: {splits})")
+    if metrics is not None and metric not in metrics:
+        raise ValueError(f"`best_metric` names metric {metric!r}, which this evaluation does not report "
+                         f"(metrics: {list(metrics)})")
     return split, metric
 
 
@@ -68,7 +73,12 @@ class BestTracker:
 
     def update(self, results: dict, step: int, save) -> bool:
         """Compare, and call `save(folder)` (every process must call `update`; only the caller's `save` decides
-        what it writes) when the value improves. Returns whether it did."""
+        what it writes) when the value improves. Returns whether it did. A metric over no sample (None: N-acc of
+        a split without a no-target expression) is never an improvement."""
+        if results.get(self.split, {}).get(self.metric, 0.0) is None:
+            logger.warning("best %s/%s is undefined at step %d (a metric over no sample): not compared", self.split,
+                           self.metric, step)
+            return False
         value = self.value(results)
         if not self.improves(value):
             return False

@@ -1,5 +1,11 @@
 """Evaluation over one split, split across processes, every sentence counted exactly once; the side-by-side
-comparison table of several models and the picture of their masks on a few samples (`scripts/evaluate.py`)."""
+comparison table of several models and the picture of their masks on a few samples (`scripts/evaluate.py`).
+
+Generalized datasets (gRefCOCO, generalized RefShapes: an expression may name no object) are scored with
+`generalized=True`: rows of (index, I, U, predicted area, reference area) summarized by
+`refseg.metrics.summarize_generalized_counts` (gIoU, cIoU, N-acc, T-acc, precision@X over target samples).
+A model whose config has a presence head's `no_target_threshold` is post-processed with it (`post_process_kwargs`),
+so a sample it judges to have no target is scored with an empty mask."""
 
 import json
 import logging
@@ -13,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..metrics import intersection_union, summarize_counts
+from ..metrics import generalized_counts, intersection_union, summarize_counts, summarize_generalized_counts
 from .resume import is_sharded
 from .samples import ProcessorCollator, shard_indices
 
@@ -37,10 +43,19 @@ def select_output(outputs, output: str = "logits"):
     return outputs
 
 
+def post_process_kwargs(model) -> dict:
+    """Extra `post_process_referring_segmentation` arguments for `model`: its config's `no_target_threshold`
+    (the presence head's, `refseg.no_target`; the processor empties a mask whose no-target probability
+    exceeds it) where the config has one, else none (a baseline's processor takes no such argument)."""
+    threshold = getattr(getattr(model, "config", None), "no_target_threshold", None)
+    return {} if threshold is None else {"no_target_threshold": float(threshold)}
+
+
 @torch.no_grad()
 def predict_counts(model, processor, samples, *, accelerator, batch_size=8, num_workers=0,
-                   threshold=None, output="logits", desc="eval"):
-    """Per-sample integer (index, intersection, union) rows of this process's shard.
+                   threshold=None, output="logits", desc="eval", generalized=False):
+    """Per-sample integer (index, intersection, union) rows of this process's shard; with `generalized`,
+    (index, intersection, union, predicted area, reference area) rows (`refseg.metrics.generalized_counts`).
 
     `model` must be the unwrapped module: processes may run different numbers of batches, and a
     DDP-wrapped forward would wait for the others. An FSDP-sharded model gathers its weights in every
@@ -73,17 +88,18 @@ def predict_counts(model, processor, samples, *, accelerator, batch_size=8, num_
         outputs = select_output(outputs, output)
         outputs.logits = outputs.logits.float()
         masks = processor.post_process_referring_segmentation(outputs, target_sizes=sizes.tolist(),
-                                                              threshold=threshold)
-        counts = intersection_union([m.cpu().numpy() for m in masks], targets)
+                                                              threshold=threshold, **post_process_kwargs(model))
+        count = generalized_counts if generalized else intersection_union
+        counts = count([m.cpu().numpy() for m in masks], targets)
         rows.append(np.concatenate([indices.numpy()[:, None], counts], axis=1))
         progress.update(len(indices))
     progress.close()
     model.train(was_training)
-    return np.concatenate(rows)[:num_real] if rows else np.zeros((0, 3), dtype=np.int64)
+    return np.concatenate(rows)[:num_real] if rows else np.zeros((0, 5 if generalized else 3), dtype=np.int64)
 
 
 def gather_rows(rows: np.ndarray, accelerator) -> np.ndarray:
-    """All processes' (index, I, U) rows on every process, sorted by index, padding dropped."""
+    """All processes' (index, ...counts) rows on every process, sorted by index, padding dropped."""
     local = torch.as_tensor(rows, dtype=torch.long, device=accelerator.device)
     if accelerator.num_processes > 1:
         local = accelerator.pad_across_processes(local, dim=0, pad_index=-1)
@@ -94,13 +110,15 @@ def gather_rows(rows: np.ndarray, accelerator) -> np.ndarray:
 
 
 def split_counts(model, processor, samples, *, accelerator, batch_size=8, num_workers=0,
-                 threshold=None, output="logits", desc="eval") -> np.ndarray:
-    """Gathered integer (index, intersection, union) rows, one per sample of `samples`, sorted by index.
+                 threshold=None, output="logits", desc="eval", generalized=False) -> np.ndarray:
+    """Gathered integer (index, intersection, union) rows, one per sample of `samples`, sorted by index
+    (`generalized`: (index, intersection, union, predicted area, reference area) rows).
 
     Raises `RuntimeError` unless the gathered rows are exactly samples 0 .. n-1, each once.
     """
     rows = predict_counts(model, processor, samples, accelerator=accelerator, batch_size=batch_size,
-                          num_workers=num_workers, threshold=threshold, output=output, desc=desc)
+                          num_workers=num_workers, threshold=threshold, output=output, desc=desc,
+                          generalized=generalized)
     rows = gather_rows(rows, accelerator)
     if not np.array_equal(rows[:, 0], np.arange(len(samples))):  # sorted: each index once, none outside
         raise RuntimeError(f"evaluation covered {len(np.unique(rows[:, 0]))} distinct of "
@@ -109,11 +127,14 @@ def split_counts(model, processor, samples, *, accelerator, batch_size=8, num_wo
 
 
 def evaluate_split(model, processor, samples, *, accelerator, batch_size=8, num_workers=0,
-                   threshold=None, output="logits", desc="eval"):
-    """Metric dict (`oIoU`, `mIoU`, `precision@X`, `num_samples`) over all of `samples` (see `split_counts`)."""
+                   threshold=None, output="logits", desc="eval", generalized=False):
+    """Metric dict (`oIoU`, `mIoU`, `precision@X`, `num_samples`) over all of `samples` (see `split_counts`);
+    with `generalized`, `summarize_generalized_counts`'s (`gIoU`, `cIoU`, `N-acc`, `T-acc`, `precision@X` of
+    the target samples, `num_samples`, `num_no_target`; an accuracy over no sample is None)."""
     rows = split_counts(model, processor, samples, accelerator=accelerator, batch_size=batch_size,
-                        num_workers=num_workers, threshold=threshold, output=output, desc=desc)
-    return summarize_counts(rows[:, 1:])
+                        num_workers=num_workers, threshold=threshold, output=output, desc=desc,
+                        generalized=generalized)
+    return summarize_generalized_counts(rows[:, 1:]) if generalized else summarize_counts(rows[:, 1:])
 
 
 def summarize_by_group(rows: np.ndarray, labels, order=None, **conventions) -> dict:
@@ -135,13 +156,33 @@ def summarize_by_group(rows: np.ndarray, labels, order=None, **conventions) -> d
 
 METRIC_COLUMNS = ("oIoU", "mIoU", "precision@0.5", "precision@0.6", "precision@0.7",
                   "precision@0.8", "precision@0.9")
+# the generalized metrics (`summarize_generalized_counts`); precision@X over the samples with a target
+GENERALIZED_METRIC_COLUMNS = ("gIoU", "cIoU", "N-acc", "T-acc", "precision@0.5", "precision@0.6", "precision@0.7",
+                              "precision@0.8", "precision@0.9")
+
+
+def _table_columns(metric_dicts) -> tuple:
+    """`(metric columns, count columns)`: the generalized ones when any of `metric_dicts` holds `gIoU`."""
+    if any("gIoU" in m for m in metric_dicts):
+        return GENERALIZED_METRIC_COLUMNS, ("num_samples", "num_no_target")
+    return METRIC_COLUMNS, ("num_samples",)
+
+
+COUNT_HEADERS = {"num_samples": "samples", "num_no_target": "no-target"}
+
+
+def _cells(metrics: dict, columns, counts) -> list:
+    """Percentages with two decimals ("-" for a metric over no sample, None), then the counts."""
+    values = [metrics.get(c) for c in columns]
+    return [*("-" if v is None else f"{100 * v:.2f}" for v in values), *(str(metrics.get(c, "")) for c in counts)]
 
 
 def format_results_table(results: dict) -> str:
-    """`{split: metrics}` as a fixed-width text table in percentages with two decimals."""
-    header = ["split", *METRIC_COLUMNS, "samples"]
-    rows = [[split, *(f"{100 * m[c]:.2f}" for c in METRIC_COLUMNS), str(m.get("num_samples", ""))]
-            for split, m in results.items()]
+    """`{split: metrics}` as a fixed-width text table in percentages with two decimals (generalized metrics
+    `GENERALIZED_METRIC_COLUMNS` and a no-target count when the results are generalized)."""
+    columns, counts = _table_columns(results.values())
+    header = ["split", *columns, *(COUNT_HEADERS[c] for c in counts)]
+    rows = [[split, *_cells(m, columns, counts)] for split, m in results.items()]
     return _format_table(header, rows)
 
 
@@ -153,8 +194,9 @@ def _format_table(header: list, rows: list) -> str:
 
 def format_comparison_table(results_by_model: dict) -> str:
     """`{model: {split: metrics}}` as one table like `format_results_table`'s, a row per model and split."""
-    header = ["model", "split", *METRIC_COLUMNS, "samples"]
-    rows = [[model, split, *(f"{100 * m[c]:.2f}" for c in METRIC_COLUMNS), str(m.get("num_samples", ""))]
+    columns, counts = _table_columns(m for splits in results_by_model.values() for m in splits.values())
+    header = ["model", "split", *columns, *(COUNT_HEADERS[c] for c in counts)]
+    rows = [[model, split, *_cells(m, columns, counts)]
             for model, splits in results_by_model.items() for split, m in splits.items()]
     return _format_table(header, rows)
 
@@ -174,7 +216,7 @@ def predict_masks(model, processor, samples, indices, *, device="cpu", batch_siz
         outputs = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
         outputs.logits = outputs.logits.float()
         found = processor.post_process_referring_segmentation(outputs, target_sizes=sizes.tolist(),
-                                                              threshold=threshold)
+                                                              threshold=threshold, **post_process_kwargs(model))
         masks.extend(m.cpu().numpy() for m in found)
     model.train(was_training)
     return masks

@@ -21,6 +21,14 @@ Training samplers (`MethodSpec.sampler`, looked up in `TRAIN_SAMPLERS` by `build
   and `instance_ids` (B,) long (the referent's `ann_id`, else its `ref_id`: equal for rows about
   the same object), both only where the model's `forward` names them as parameters
   (`forward_input_names`), so a model that does not take them never receives them.
+
+Generalized data (gRefCOCO, grefshapes: rows with `ann_ids`, an expression naming several objects or none)
+trains through the same paths: a no-target row's mask, hence its `labels`, is all zeros (the presence head
+reads its target from that, `refseg.no_target`). For `instance_ids`, the set of referents is the instance:
+refs with the same `ann_ids` (sorted) share an id, numbered densely from 0 in order of first appearance. A
+no-target row is an instance of its own (a negative id, -1 - its row in the item, so never shared): the
+contrastive loss then pushes its mask apart from every other row's, which an empty mask satisfies, while a
+shared "none" instance would ask two empty masks to overlap (their dice overlap is 0), which none can.
 """
 
 import inspect
@@ -226,15 +234,16 @@ class GroupedTrainSamples(Dataset):
 
     Args:
         dataset: a `datasets.Dataset` (or sequence of row dicts) with `image`, `mask`, `sentences`,
-            `image_id`, optionally `ref_id` and `ann_id`.
+            `image_id`, optionally `ref_id` and `ann_id` (or gRefCOCO's `ann_ids`).
         sentences_per_image: b, rows per item.
         word_mask_rate: share of words dropped from a repeated sentence (in [0, 1)).
         seed: base seed of the draws and the augmentation.
         augment: optional `fn(image, mask, rng) -> (image, mask)` on PIL images.
 
     Items are dicts: `image` (PIL RGB), `masks` (b PIL L, row k's referent), `texts` (b str),
-    `instance_ids` (b int: `ann_id`, else `ref_id`), `ref_ids` (b int), `rows` (b ref-row indices
-    into `dataset`), `word_masked` (b bool), `index` (int, the image's index here) and `image_id`.
+    `instance_ids` (b int: `ann_id`, else `ref_id`; with `ann_ids`, the module docstring's), `ref_ids` (b int),
+    `rows` (b ref-row indices into `dataset`), `word_masked` (b bool), `index` (int, the image's index here) and
+    `image_id`.
     """
 
     def __init__(self, dataset, *, sentences_per_image: int = DEFAULT_SENTENCES_PER_IMAGE,
@@ -256,7 +265,11 @@ class GroupedTrainSamples(Dataset):
         self.epoch = 0
         self._sentences = column("sentences")
         self._ref_ids = [int(r) for r in column("ref_id")] if "ref_id" in names else list(range(len(dataset)))
-        self._instance_ids = [int(a) for a in column("ann_id")] if "ann_id" in names else list(self._ref_ids)
+        if "ann_ids" in names:  # generalized data: the set of referents; None for no target (module docstring)
+            referents, dense = [tuple(sorted(int(a) for a in ids)) for ids in column("ann_ids")], {}
+            self._instance_ids = [dense.setdefault(key, len(dense)) if key else None for key in referents]
+        else:
+            self._instance_ids = [int(a) for a in column("ann_id")] if "ann_id" in names else list(self._ref_ids)
         for row, sentences in enumerate(self._sentences):
             if not sentences:
                 raise ValueError(f"ref {self._ref_ids[row]} has no sentences")
@@ -307,7 +320,8 @@ class GroupedTrainSamples(Dataset):
                 out_image, masks[row] = self.augment(source, masks[row], np.random.default_rng(augment_seed))
                 image = out_image if image is None else image
         return {"image": image, "masks": [masks[row] for row in rows], "texts": texts,
-                "instance_ids": [self._instance_ids[row] for row in rows],
+                "instance_ids": [-1 - k if self._instance_ids[row] is None else self._instance_ids[row]
+                                 for k, row in enumerate(rows)],
                 "ref_ids": [self._ref_ids[row] for row in rows],
                 "rows": rows, "word_masked": masked, "index": index, "image_id": self.image_ids[index]}
 
