@@ -175,5 +175,5 @@ class Sam3ReferringProcessor(StockProcessorWrapper):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
 
-__all__ = ["DEFAULT_INSTANCE_THRESHOLD", "DEFAULT_NO_TARGET_HEAD", "SELECTIONS", "Sam3ReferringModel", "Sam3ReferringProcessor",
-           "select_referring_mask"]
+__all__ = ["DEFAULT_INSTANCE_THRESHOLD", "DEFAULT_NO_TARGET_HEAD", "SELECTIONS", "Sam3ReferringModel",
+           "Sam3ReferringProcessor", "select_referring_mask"]
