@@ -100,6 +100,32 @@ def test_the_threshold_is_configurable(stock_clipseg, make_scene):
         ClipsegReferringProcessor(processor.processor, threshold=1.5)
 
 
+def test_without_presence_no_target_means_an_empty_mask(stock_clipseg, make_scene):
+    """CLIPSeg has no presence output: the pipeline still answers `no_target`, from the mask alone, and the score
+    keeps its meaning (mean foreground probability; 0.0 for an empty mask). The second row's logits are forced
+    to -20 (nothing predicted) by a forward hook."""
+    segmenter = pipeline(TASK, model=str(stock_clipseg))
+    image = make_scene(width=61, height=47)
+    texts = ["the red circle", "the blue square"]
+    inputs = segmenter.processor(images=image, text=texts)
+    inputs.pop("original_sizes")
+    with torch.no_grad():
+        assert segmenter.model(**inputs).no_target_logits is None
+
+    def hook(_module, _args, output):
+        output.logits = torch.cat([output.logits[:1], torch.full_like(output.logits[1:], -20.0)])
+        return output
+
+    handle = segmenter.model.register_forward_hook(hook)
+    try:
+        found, missing = segmenter(image, text=texts)
+    finally:
+        handle.remove()
+    assert set(found) == set(missing) == {"score", "label", "mask", "no_target", "text"}
+    assert np.asarray(found["mask"]).any() and found["no_target"] is False and found["score"] > 0.5
+    assert not np.asarray(missing["mask"]).any() and missing["no_target"] is True and missing["score"] == 0.0
+
+
 def test_the_processor_pairs_images_and_texts_and_resizes_masks(stock_clipseg, make_scene):
     processor = ClipsegReferringProcessor.from_pretrained(stock_clipseg)
     image = make_scene(width=61, height=47)

@@ -1,6 +1,8 @@
 """The SAM3 baseline on a tiny random SAM3 written by the stock classes: the pipeline, the instance-selection
 rule (best presence x instance score, or the union above a threshold) and one vision pass per image."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -51,10 +53,11 @@ def stock_sam3(tiny_backbones, tmp_path_factory):
     return save_stock_sam3(tmp_path_factory.mktemp("sam3-stock"), tiny_backbones["clip"])
 
 
-def _by_hand(folder, batch):
-    """The stock `Sam3Model`, one row at a time and without cached features: best instance per row."""
+def _by_hand(folder, batch, with_presence=False):
+    """The stock `Sam3Model`, one row at a time and without cached features: best instance per row (and, with
+    `with_presence`, each row's presence logit, (B,))."""
     model = Sam3Model.from_pretrained(folder).eval()
-    chosen, all_masks, all_scores = [], [], []
+    chosen, all_masks, all_scores, presence = [], [], [], []
     with torch.no_grad():
         for row in range(batch["input_ids"].shape[0]):
             out = model(pixel_values=batch["pixel_values"][row:row + 1], input_ids=batch["input_ids"][row:row + 1],
@@ -63,12 +66,18 @@ def _by_hand(folder, batch):
             chosen.append(out.pred_masks[0, scores.argmax()])
             all_masks.append(out.pred_masks[0])
             all_scores.append(scores)
-    return torch.stack(chosen), torch.stack(all_masks), torch.stack(all_scores)
+            presence.append(out.presence_logits[0, 0])
+    found = torch.stack(chosen), torch.stack(all_masks), torch.stack(all_scores)
+    return (*found, torch.stack(presence)) if with_presence else found
 
 
 def test_the_pipeline_serves_a_stock_sam3_folder(stock_sam3, make_scene):
     segmenter = pipeline(TASK, model=str(stock_sam3))
     assert type(segmenter.model) is Sam3ReferringModel and isinstance(segmenter.processor, Sam3ReferringProcessor)
+    # the presence gate off: this random SAM3's presence logit is about -2e-4, just on the no-target side of 0.5,
+    # so with it every mask here would come back empty and the comparison would show nothing (the gate is
+    # tested on its own below)
+    segmenter.model.config.no_target_head = False
     image = make_scene(width=61, height=47)
     texts = ["the red circle", "the blue square", "the red circle on the left"]
     results = segmenter(image, text=texts)
@@ -76,9 +85,72 @@ def test_the_pipeline_serves_a_stock_sam3_folder(stock_sam3, make_scene):
     assert batch["pixel_values"].shape == (3, 3, SIZE, SIZE) and batch["input_ids"].shape == (3, 32)
     chosen, _, _ = _by_hand(stock_sam3, batch)
     probability = F.interpolate(chosen[:, None], size=(47, 61), mode="bilinear", align_corners=False)[:, 0].sigmoid()
+    assert all((expected > 0.5).any() for expected in probability)
     for result, expected in zip(results, probability):
         assert result["mask"].size == image.size and result["mask"].mode == "L"
         np.testing.assert_array_equal(np.asarray(result["mask"]) > 0, (expected > 0.5).numpy())
+        assert result["no_target"] is False  # no presence output: no target only for an empty mask
+
+
+def force_presence(model, per_row):
+    """A forward hook on SAM3's presence head: row i's presence logit becomes `per_row[i]` (within SAM3's clamp
+    of +-10, applied after the head)."""
+    def hook(_module, _args, output):
+        return torch.tensor(per_row, dtype=output.dtype).reshape(-1, *[1] * (output.dim() - 1)).expand_as(output)
+
+    return model.detr_decoder.presence_head.register_forward_hook(hook)
+
+
+def test_presence_is_mapped_onto_no_target_logits(stock_sam3, make_scene):
+    """`no_target_logits == -presence_logits` (B,), by default; `config.no_target_head=False` turns it off."""
+    model = Sam3ReferringModel.from_pretrained(stock_sam3).eval()
+    assert not hasattr(model.config, "no_target_head")  # a stock config: the default applies
+    processor = model.adapt_processor(Sam3Processor.from_pretrained(stock_sam3))
+    batch = processor(images=[make_scene(width=61, height=47), make_scene(width=40, height=52)],
+                      text=[["the red circle", "the blue square"], ["the disc"]])
+    batch.pop("original_sizes")
+    hook = force_presence(model, [2.5, -1.5, 0.25])
+    try:
+        with torch.no_grad():
+            outputs = model(**batch)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(outputs.no_target_logits, torch.tensor([-2.5, 1.5, -0.25]))
+    with torch.no_grad():  # unforced, against the stock model row by row
+        outputs = model(**batch)
+    *_, presence = _by_hand(stock_sam3, batch, with_presence=True)
+    assert outputs.no_target_logits.shape == (3,)
+    torch.testing.assert_close(outputs.no_target_logits, -presence, atol=1e-6, rtol=1e-5)
+    model.config.no_target_head = False
+    with torch.no_grad():
+        assert model(**batch).no_target_logits is None
+
+
+def test_the_pipeline_reports_sam3_presence_as_score_and_no_target(stock_sam3, make_scene):
+    """Present (presence logit +6): the chosen instance's mask, score sigmoid(6), no_target False; absent (-6): an
+    empty mask, score sigmoid(-6), no_target True; +0.3 (no target with probability sigmoid(-0.3) = 0.43): absent
+    only at a no-target threshold of 0.4 (post-processing empties that mask as well)."""
+    segmenter = pipeline(TASK, model=str(stock_sam3))
+    image = make_scene(width=61, height=47)
+    texts = ["the red circle", "the blue square", "the red circle on the left"]
+    chosen, *_ = _by_hand(stock_sam3, segmenter.processor(images=image, text=texts))
+    expected = F.interpolate(chosen[:, None], size=(47, 61), mode="bilinear", align_corners=False)[:, 0].sigmoid() > 0.5
+    assert expected.any(dim=(1, 2)).all()  # every chosen mask non-empty, so an emptied one shows
+    hook = force_presence(segmenter.model, [6.0, -6.0, 0.3])
+    try:
+        results = segmenter(image, text=texts)
+        stricter = segmenter(image, text=texts, no_target_threshold=0.4)
+    finally:
+        hook.remove()
+    present, absent, unsure = results
+    assert present["no_target"] is False and present["score"] == pytest.approx(1 / (1 + math.exp(-6)), abs=1e-6)
+    np.testing.assert_array_equal(np.asarray(present["mask"]) > 0, expected[0].numpy())
+    assert absent["no_target"] is True and absent["score"] == pytest.approx(1 / (1 + math.exp(6)), abs=1e-6)
+    assert not np.asarray(absent["mask"]).any()
+    assert unsure["no_target"] is False and stricter[2]["no_target"] is True
+    np.testing.assert_array_equal(np.asarray(unsure["mask"]) > 0, expected[2].numpy())
+    assert not np.asarray(stricter[2]["mask"]).any()
+    assert [r["score"] for r in stricter] == pytest.approx([r["score"] for r in results])
 
 
 def test_each_image_is_encoded_once_for_its_expressions(stock_sam3, make_scene):

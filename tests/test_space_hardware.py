@@ -49,7 +49,7 @@ class FakeSegmenter:
 
     def __call__(self, image, text, threshold=None):
         mask = Image.fromarray(np.full((image.height, image.width), 255, dtype=np.uint8))
-        return [{"text": t, "mask": mask, "score": 0.75} for t in text]
+        return [{"text": t, "mask": mask, "score": 0.75, "no_target": False} for t in text]
 
 
 @pytest.fixture

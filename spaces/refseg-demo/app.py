@@ -16,6 +16,13 @@ The API endpoint `/segment` takes `(image, text)` and optionally `threshold`; `t
 expression per line. It returns the `gr.AnnotatedImage` value (the image and one mask per
 expression, labelled "<expression> (<score>)") and a Markdown summary.
 
+No match: an expression the pipeline reports as having no referent (its result's `no_target`) is
+labelled "<expression>: no match (<score>)" and gets an empty mask, so nothing is drawn over the image
+for it, and the summary and history say "no match". What `no_target` and the score mean depends on the
+model (`refseg.pipelines`): with a presence output (`config.no_target_head`, the SAM3 baseline) the
+model's own judgement, the score being the probability that the expression has a referent; without, an
+empty mask, the score being the mean foreground probability inside the mask (not a presence score).
+
 Hardware: the model runs on the GPU when `torch.cuda.is_available()` (`inference_device`), else on
 the CPU. On ZeroGPU hardware (Hugging Face's shared GPUs, which lend a GPU to each decorated call) the
 `spaces` package is installed by the Space itself; the request handler `segment_request` is then
@@ -145,25 +152,35 @@ def check_image(image) -> Image.Image:
     return image.convert("RGB")
 
 
+NO_MATCH = "no match"  # what the app shows for an expression with no referent (a result's `no_target`)
+
+
+def annotation_label(result) -> str:
+    """"<expression> (<score>)", or "<expression>: no match (<score>)" when the result has no referent."""
+    if result["no_target"]:
+        return f"{result['text']}: {NO_MATCH} ({result['score']:.2f})"
+    return f"{result['text']} ({result['score']:.2f})"
+
+
 def segment_image(segmenter, image, text, threshold=None, history=None):
     """Run `segmenter` on one image and the expressions in `text`.
 
     Returns `(annotated, summary, history)`: the `gr.AnnotatedImage` value (image, [(mask in [0, 1]
     of shape (h, w), label)]), a Markdown table of the scores, and the session history with this
-    request's rows prepended (a new list; the caller's list is not modified).
+    request's rows prepended (a new list; the caller's list is not modified). A result with no referent
+    (`no_target`) keeps its place with an empty mask (the image shows through) and a "no match" label.
     """
     image = check_image(image)
     expressions = parse_expressions(text)
     results = segmenter(image, text=expressions, threshold=threshold)
     annotations, rows = [], []
     for result in results:
-        mask = np.asarray(result["mask"], dtype=np.float32) / 255.0  # (h, w) in {0, 1}
-        label = f"{result['text']} ({result['score']:.2f})"
-        annotations.append((mask, label))
-        rows.append((result["text"], result["score"], int(mask.sum())))
+        mask = np.asarray(result["mask"], dtype=np.float32) / 255.0  # (h, w) in {0, 1}; empty for no target
+        annotations.append((mask, annotation_label(result)))
+        rows.append((result["text"], result["score"], int(mask.sum()), bool(result["no_target"])))
     history = (rows + list(history or []))[:HISTORY_LENGTH]
-    summary = "| expression | score | mask pixels |\n| --- | --- | --- |\n" + "\n".join(
-        f"| {t} | {s:.3f} | {n} |" for t, s, n in rows
+    summary = "| expression | result | score | mask pixels |\n| --- | --- | --- | --- |\n" + "\n".join(
+        f"| {t} | {f'**{NO_MATCH}**' if absent else 'match'} | {s:.3f} | {n} |" for t, s, n, absent in rows
     )
     return (image, annotations), summary, history
 
@@ -182,7 +199,8 @@ def format_history(history) -> str:
     """Markdown of the session's latest results (newest first)."""
     if not history:
         return "**This session:** nothing segmented yet."
-    lines = [f"- {text} (score {score:.2f}, {pixels} px)" for text, score, pixels in history]
+    lines = [f"- {text} ({NO_MATCH}, score {score:.2f})" if absent else f"- {text} (score {score:.2f}, {pixels} px)"
+             for text, score, pixels, absent in history]
     return "**This session:**\n\n" + "\n".join(lines)
 
 

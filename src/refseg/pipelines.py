@@ -24,12 +24,26 @@ either (one result list per image). Output per image: a list with one dict per e
 - `"text"`: the expression too (the name of earlier refseg releases);
 - `"mask"`: `PIL.Image` of mode "L" with values 0 / 255 at the image's size (after EXIF rotation),
   from the processor's `post_process_referring_segmentation`;
-- `"score"`: the mean foreground probability (sigmoid of the logits) over the pixels predicted as
-  foreground at the model's output resolution, with the same threshold as the mask; 0.0 when no
-  pixel is predicted. A rough confidence in [threshold, 1], not a calibrated probability.
+- `"no_target"`: `True` when the expression is judged to have no referent in the image (generalized
+  referring segmentation, `refseg.no_target`); the mask is then empty;
+- `"score"`: depends on whether the model answers "is the referent there at all" (its output carries
+  `no_target_logits`: a refseg method with `config.no_target_head=True`, or the SAM3 baseline, whose
+  presence logit is mapped onto it):
+  - with `no_target_logits`: the probability that the expression **has** a referent,
+    `1 - sigmoid(no_target_logits)`, and `no_target` is `sigmoid(no_target_logits) > no_target_threshold`
+    (the same rule by which post-processing empties the mask). A mask can still come back empty with
+    `no_target` False, when no pixel passes the mask threshold;
+  - without (the default refseg methods, CLIPSeg): the mean foreground probability (sigmoid of the
+    logits) over the pixels predicted as foreground at the model's output resolution, with the same
+    threshold as the mask; 0.0 when no pixel is predicted. A rough confidence in [threshold, 1] of the
+    pixels the mask covers: **not a presence score**, it does not say whether the referent is in the
+    image. `no_target` is then `True` exactly when the mask is empty.
 
 The threshold is the `threshold` call/constructor argument, else the model config's `threshold`,
-else the processor's default.
+else the processor's default. The no-target threshold is the `no_target_threshold` call/constructor
+argument, else the model config's `no_target_threshold`, else the processor's, else 0.5; it is
+passed to `post_process_referring_segmentation(..., no_target_threshold=...)`, and ignored for a
+model without `no_target_logits`.
 
 Models from outside refseg (the baselines of `refseg.baselines`: stock CLIPSeg, SAM3) join in two
 steps, without a per-model branch here. (1) The task loads its model with
@@ -51,6 +65,7 @@ with exported model code.
 
 import logging
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -92,10 +107,12 @@ class ReferringImageSegmentationPipeline(Pipeline):
 
     Args (constructor, besides `Pipeline`'s):
         threshold (`float`, *optional*): default mask threshold for every call.
+        no_target_threshold (`float`, *optional*): default no-target threshold for every call (models with
+            `no_target_logits` only).
 
     Call:
-        `pipe(image, text="...", threshold=None, timeout=None)`; `image` may also be a dict
-        `{"image", "text"}` or a list of images / dicts.
+        `pipe(image, text="...", threshold=None, no_target_threshold=None, timeout=None)`; `image` may also
+        be a dict `{"image", "text"}` or a list of images / dicts.
     """
 
     _load_processor = True
@@ -125,7 +142,7 @@ class ReferringImageSegmentationPipeline(Pipeline):
             kwargs["text"] = text
         return super().__call__(image, **kwargs)
 
-    def _sanitize_parameters(self, text=None, threshold=None, timeout=None, **kwargs):
+    def _sanitize_parameters(self, text=None, threshold=None, no_target_threshold=None, timeout=None, **kwargs):
         kwargs.pop("local_files_only", None)  # `pipeline()` forwards it to the constructor as well
         if kwargs:
             raise ValueError(f"unexpected arguments for the {TASK} pipeline: {sorted(kwargs)}")
@@ -134,10 +151,11 @@ class ReferringImageSegmentationPipeline(Pipeline):
             preprocess_params["text"] = text
         if timeout is not None:
             preprocess_params["timeout"] = timeout
-        if threshold is not None:
-            if not 0.0 < float(threshold) < 1.0:
-                raise ValueError(f"`threshold` must be in (0, 1), got {threshold!r}")
-            postprocess_params["threshold"] = float(threshold)
+        for name, value in (("threshold", threshold), ("no_target_threshold", no_target_threshold)):
+            if value is not None:
+                if not 0.0 < float(value) < 1.0:
+                    raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
+                postprocess_params[name] = float(value)
         return preprocess_params, {}, postprocess_params
 
     def preprocess(self, inputs, text=None, timeout=None):
@@ -163,25 +181,47 @@ class ReferringImageSegmentationPipeline(Pipeline):
             for name, value in model_inputs["model_inputs"].items()
         }
         outputs = self.model(**inputs)
-        return {"logits": outputs.logits, "original_sizes": model_inputs["original_sizes"], "texts": model_inputs["texts"]}
+        forwarded = {"logits": outputs.logits, "original_sizes": model_inputs["original_sizes"],
+                     "texts": model_inputs["texts"]}
+        no_target_logits = getattr(outputs, "no_target_logits", None)  # (B,), models that answer "is it there"
+        if no_target_logits is not None:
+            forwarded["no_target_logits"] = no_target_logits
+        return forwarded
 
-    def postprocess(self, model_outputs, threshold=None):
+    def postprocess(self, model_outputs, threshold=None, no_target_threshold=None):
         logits = model_outputs["logits"].float()  # (B, h, w)
+        no_target_logits = model_outputs.get("no_target_logits")
+        if no_target_logits is not None:
+            no_target_logits = no_target_logits.float()
         if threshold is None:
             threshold = getattr(self.model.config, "threshold", None)
+        if no_target_threshold is None:
+            no_target_threshold = getattr(self.model.config, "no_target_threshold", None)
+        if no_target_threshold is None:
+            no_target_threshold = getattr(self.processor, "no_target_threshold", None) or 0.5
+        # the processor empties the masks of rows judged to have no referent, by the threshold used below
+        outputs = SimpleNamespace(logits=logits, no_target_logits=no_target_logits)
         masks = self.processor.post_process_referring_segmentation(
-            logits, target_sizes=model_outputs["original_sizes"], threshold=threshold
+            outputs, target_sizes=model_outputs["original_sizes"], threshold=threshold,
+            no_target_threshold=no_target_threshold,
         )
         if threshold is None:
             threshold = getattr(self.processor, "threshold", 0.5)
         probabilities = logits.sigmoid()
+        if no_target_logits is not None:  # the same comparison as the processor's, so flag and mask agree
+            absent = no_target_logits.sigmoid()  # (B,)
+            absent_rows = (absent > no_target_threshold).tolist()
         results = []
-        for text, mask, probability in zip(model_outputs["texts"], masks, probabilities):
-            foreground = probability > threshold
-            score = float(probability[foreground].mean()) if bool(foreground.any()) else 0.0
+        for row, (text, mask, probability) in enumerate(zip(model_outputs["texts"], masks, probabilities)):
+            if no_target_logits is None:  # no presence: the mask's own confidence, no target = nothing predicted
+                foreground = probability > threshold
+                score = float(probability[foreground].mean()) if bool(foreground.any()) else 0.0
+                no_target = not bool(mask.any())
+            else:  # the probability that the expression has a referent
+                score, no_target = 1.0 - float(absent[row]), bool(absent_rows[row])
             pixels = mask.cpu().numpy().astype(np.uint8) * 255
             results.append({"score": score, "label": text, "mask": Image.fromarray(pixels),  # uint8 (h, w) -> "L"
-                            "text": text})
+                            "no_target": no_target, "text": text})
         return results
 
 

@@ -16,6 +16,19 @@ Both are read from the model config (`model.config.referring_selection = "union"
 above when a Hub config does not carry them. Nothing of SAM3's code is copied: `Sam3ReferringModel`
 subclasses `Sam3Model` (same weights) and calls its `get_vision_features` and `forward`.
 
+**No target (generalized referring segmentation).** SAM3's presence logit is mapped onto refseg's
+presence output: `no_target_logits = -presence_logit` (B,), so `sigmoid(no_target_logits) = 1 -
+sigmoid(presence)` is the probability that the expression has no referent, exactly as for a refseg
+method with `config.no_target_head=True` (`refseg.no_target`). Post-processing then returns an empty mask
+where it exceeds `no_target_threshold` (0.5 unless the config carries one), and the pipeline reports
+`score = sigmoid(presence)` and `no_target`. This is **on by default** (`config.no_target_head`, read
+with default `True`): the presence token is part of stock SAM3, trained by its authors to answer "is the
+concept in the image at all", and SAM3's own post-processing keeps no instance when it says no, so
+always returning a mask would be the departure from SAM3. The price: on datasets where every expression
+has a referent (RefCOCO), a presence miss now costs SAM3 the whole mask. Set
+`model.config.no_target_head = False` for the previous behaviour (always the chosen instance's mask, no
+`no_target_logits`).
+
 **One image, several expressions.** The forward encodes each distinct image of the batch once
 (`get_vision_features` on the distinct rows of `pixel_values`) and passes the cached features to the
 stock forward as `vision_embeds`, one row per expression.
@@ -40,6 +53,7 @@ from .wrapping import StockProcessorWrapper
 
 SELECTIONS = ("best", "union")
 DEFAULT_INSTANCE_THRESHOLD = 0.3
+DEFAULT_NO_TARGET_HEAD = True  # presence -> `no_target_logits` unless the config says `no_target_head=False`
 TEXT_LENGTH = 32  # Sam3Processor pads every prompt to 32 tokens
 
 
@@ -90,7 +104,8 @@ class Sam3ReferringModel(Sam3Model):
 
         Returns:
             `ReferringSegmentationOutput` with `logits` (B, h, w), the chosen instance mask logits (h = S / 4 for
-            the released model's mask decoder).
+            the released model's mask decoder), and, unless `config.no_target_head` is `False`,
+            `no_target_logits` (B,) = `-presence_logits` (module docstring).
         """
         if kwargs.pop("labels", None) is not None:
             raise ValueError("`labels`: the SAM3 baseline is zero-shot; refseg does not train it")
@@ -109,7 +124,11 @@ class Sam3ReferringModel(Sam3Model):
         logits = select_referring_mask(
             outputs.pred_masks, scores, selection=getattr(self.config, "referring_selection", "best"),
             instance_threshold=getattr(self.config, "instance_threshold", DEFAULT_INSTANCE_THRESHOLD))
-        return ReferringSegmentationOutput(logits=logits)
+        # 4. presence -> no target: sigmoid(-p) = 1 - sigmoid(p), the probability that nothing is referred to
+        no_target_logits = None
+        if getattr(self.config, "no_target_head", DEFAULT_NO_TARGET_HEAD):
+            no_target_logits = -outputs.presence_logits.squeeze(-1)  # (B, 1) -> (B,)
+        return ReferringSegmentationOutput(logits=logits, no_target_logits=no_target_logits)
 
 
 class Sam3ReferringProcessor(StockProcessorWrapper):
@@ -156,5 +175,5 @@ class Sam3ReferringProcessor(StockProcessorWrapper):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
 
-__all__ = ["DEFAULT_INSTANCE_THRESHOLD", "SELECTIONS", "Sam3ReferringModel", "Sam3ReferringProcessor",
-           "select_referring_mask"]
+__all__ = ["DEFAULT_INSTANCE_THRESHOLD", "DEFAULT_NO_TARGET_HEAD", "SELECTIONS", "Sam3ReferringModel",
+           "Sam3ReferringProcessor", "select_referring_mask"]

@@ -21,8 +21,13 @@ _BODY = """
 # refseg demo
 
 Upload an image, type one referring expression per line ("the red circle", "the square on the
-left"), and get one coloured mask per expression, labelled with its score (the mean foreground
-probability inside the mask).
+left"), and get one coloured mask per expression, labelled with its score. An expression the model
+finds no referent for is labelled "no match", with nothing drawn over the image.
+
+- Score: for a model with a presence head (`no_target_head=True` in its config, or the SAM3
+  baseline), the probability that the expression has a referent; "no match" is the head's answer.
+  Otherwise the mean foreground probability inside the mask, which is not a presence score; "no
+  match" then only means that no pixel passed the threshold.
 
 - Model: the `REFSEG_MODEL` environment variable (a Hub id or a folder; set it in the Space
   settings), default `refseg-quickstart/model`, the folder refseg's quickstart writes.
