@@ -544,3 +544,29 @@ def test_prompt_ris_cards_keep_the_papers_table_apart_and_name_both_backbones(tm
     tiny = build_model_card("prompt-ris-tiny", eval_results=EVAL_RESULTS, repo_id="refseg-test/prompt-ris-tiny")
     assert "The Prompt-RIS paper reports no results for this test-scale configuration." in tiny.content
     assert {r.dataset_type for r in tiny.data.eval_results} == {"refshapes"}
+
+
+def test_a_generalized_record_makes_a_card(tmp_path):
+    """What `scripts/evaluate.py` writes for gRefCOCO-style data: gIoU / cIoU / N-acc / T-acc, the no-target count,
+    and None for an accuracy over no sample (a split without no-target expressions)."""
+    from refseg.metrics import summarize_generalized_counts
+
+    with_none = summarize_generalized_counts([[3, 4, 3, 4], [0, 5, 5, 0], [0, 0, 0, 0]])
+    without = summarize_generalized_counts([[3, 4, 3, 4], [2, 6, 4, 4]])
+    assert without["N-acc"] is None and without["num_no_target"] == 0
+    record = {"dataset": "grefshapes", "split_by": "unc", "scored_output": "logits", "global_step": 9,
+              "results": {"val": with_none, "testA": without}}
+    path = tmp_path / "eval_results.json"
+    path.write_text(json.dumps(record))
+    card = build_model_card("risclip-b", eval_results=path)
+    table = card.content[card.content.index("| gIoU"):]
+    header = table.splitlines()[0]
+    for name in ("gIoU", "cIoU", "N-acc", "T-acc", "No-target expressions"):
+        assert name in header
+    row = next(line for line in table.splitlines() if line.startswith("| testA"))
+    assert " - " in row  # N-acc over no sample
+    assert f"{100 * with_none['gIoU']:.2f}" in table
+    metrics = {(e.dataset_split, e.metric_type): e.metric_value for e in card.data.eval_results}
+    assert metrics[("val", "N-acc")] == round(100 * with_none["N-acc"], 2)
+    assert ("testA", "N-acc") not in metrics  # None never reaches model-index
+    assert {e.dataset_name for e in card.data.eval_results} == {"generalized RefShapes (synthetic, generated with refseg)"}

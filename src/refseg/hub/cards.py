@@ -71,6 +71,8 @@ EVAL_DATASETS = {
     "refcoco+": ("jxu124/refcocoplus", "RefCOCO+"),
     "refcocog": ("jxu124/refcocog", "RefCOCOg"),
     "refshapes": ("refshapes", "RefShapes (synthetic, generated with refseg)"),
+    "grefcoco": ("grefcoco", "gRefCOCO (generalized: no-target and multi-target expressions)"),
+    "grefshapes": ("grefshapes", "generalized RefShapes (synthetic, generated with refseg)"),
 }
 # The split protocol a RefCOCO-family display name shows when the record names none
 # (as `refseg.training.data.DEFAULT_SPLIT_BY`).
@@ -84,8 +86,13 @@ METRIC_HEADERS = {
     "precision@0.7": "P@0.7",
     "precision@0.8": "P@0.8",
     "precision@0.9": "P@0.9",
+    # generalized referring segmentation (`ReferringIoU(generalized=True)`)
+    "gIoU": "gIoU",
+    "cIoU": "cIoU",
+    "N-acc": "N-acc",
+    "T-acc": "T-acc",
 }
-COUNT_KEYS = {"num_samples": "Expressions"}
+COUNT_KEYS = {"num_samples": "Expressions", "num_no_target": "No-target expressions"}
 TASK_TYPE = "image-segmentation"
 TASK_NAME = "Referring Image Segmentation"
 
@@ -164,6 +171,8 @@ def _check_results(results: Any) -> dict[str, dict[str, float]]:
             if key in COUNT_KEYS:
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"`eval_results`[{split!r}][{key!r}] must be an int >= 0, got {value!r}")
+            elif value is None:  # a generalized metric over no sample (N-acc of a split without no-target rows)
+                pass
             elif (
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))
@@ -189,7 +198,8 @@ def load_eval_results(eval_results: Union[None, PathLike, Mapping]) -> Optional[
     Returns:
         `{"dataset": str | None, "split_by": str | None, "scored_output": str | None,
         "global_step": int | None, "results": {split: {metric: value}}}`. Metric values must be finite
-        numbers in [0, 1] (fractions, as the scripts write them); `num_samples` must be a non-negative int.
+        numbers in [0, 1] (fractions, as the scripts write them) or null (a generalized metric over no sample:
+        shown as "-", left out of `model-index`); `num_samples` and `num_no_target` must be non-negative ints.
     """
     from ..training.evaluation import EVAL_RECORD_KEYS, read_eval_results
 
@@ -383,7 +393,7 @@ def measured_table(results: Mapping[str, Mapping[str, Any]], dataset: str, split
     counts = [k for k in COUNT_KEYS if any(k in m for m in results.values())]
     rows = []
     for split, metrics in results.items():
-        cells = [f"{as_percent(metrics[k]):.2f}" if k in metrics else "-" for k in keys]
+        cells = [f"{as_percent(metrics[k]):.2f}" if metrics.get(k) is not None else "-" for k in keys]
         cells += [str(metrics[k]) if k in metrics else "-" for k in counts]
         rows.append({"split": split, "cells": cells})
     headers = [METRIC_HEADERS.get(k, k) for k in keys] + [COUNT_KEYS[k] for k in counts]
@@ -399,6 +409,8 @@ def measured_eval_results(
     out = []
     for split, metrics in results.items():
         for key in _metric_keys({split: metrics}):
+            if metrics[key] is None:
+                continue
             out.append(
                 EvalResult(
                     task_type=TASK_TYPE,
