@@ -177,3 +177,22 @@ def test_rotation_is_applied_after_the_shear_and_the_zoom():
     expected = _expected_nearest(source, inverse, 40, 40)
     assert expected.any()
     np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+def test_a_draw_that_moves_the_referent_out_of_the_frame_keeps_the_geometry():
+    """An empty augmented mask would read as "no referent" (generalized RIS): such a draw keeps the image and the
+    mask where they were (saturation still applies); a draw that keeps part of the referent moves both."""
+    image, mask = square_scene(box=(0, 0, 4, 4))
+    aug = RandomAffineSaturation(p=1.0)
+    away = AffineParams(angle=0.0, translate=(-10.0, -10.0), scale=1.0, shear=0.0, saturation=0.5)
+    out_image, out_mask = aug.apply(image, mask, away)
+    np.testing.assert_array_equal(np.asarray(out_mask), np.asarray(mask))
+    assert np.asarray(out_image)[0, 0].tolist() != list(RED)  # desaturated in place, not moved
+    assert np.asarray(out_image)[20, 20].tolist() == np.asarray(image)[20, 20].tolist()
+    partly = AffineParams(angle=0.0, translate=(2.0, 0.0), scale=1.0, shear=0.0, saturation=1.0)
+    _, moved = aug.apply(image, mask, partly)
+    assert np.asarray(moved)[0, 2:6].tolist() == [255] * 4 and np.asarray(moved)[0, :2].tolist() == [0, 0]
+    # an empty mask (a no-target expression) is moved as it is: nothing to keep
+    empty = Image.fromarray(np.zeros((32, 40), np.uint8), mode="L")
+    moved_image, still_empty = aug.apply(image, empty, away)
+    assert still_empty.getbbox() is None and np.asarray(moved_image)[31, 39].tolist() == [0, 0, 0]

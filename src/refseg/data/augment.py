@@ -147,10 +147,14 @@ class RandomAffineSaturation:
             return image, mask
         if not params.is_identity_geometry:
             coeffs = inverse_affine_coefficients(params, *image.size)
-            fill = self.fill if isinstance(self.fill, tuple) else (self.fill,) * 3
-            resample = _RESAMPLE[self.interpolation]
-            image = image.transform(image.size, Image.AFFINE, coeffs, resample=resample, fillcolor=fill)
-            mask = mask.transform(mask.size, Image.AFFINE, coeffs, resample=Image.NEAREST, fillcolor=0)
+            moved = mask.transform(mask.size, Image.AFFINE, coeffs, resample=Image.NEAREST, fillcolor=0)
+            # A referent moved out of the frame entirely would turn the row into a "no target" one (the presence
+            # head of generalized RIS reads that from the empty mask): such a draw keeps the geometry as it was.
+            if moved.getbbox() is not None or mask.getbbox() is None:
+                fill = self.fill if isinstance(self.fill, tuple) else (self.fill,) * 3
+                resample = _RESAMPLE[self.interpolation]
+                image = image.transform(image.size, Image.AFFINE, coeffs, resample=resample, fillcolor=fill)
+                mask = moved
         if params.saturation != 1:
             image = ImageEnhance.Color(image).enhance(params.saturation)
         return image, mask
