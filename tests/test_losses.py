@@ -223,3 +223,36 @@ def test_icl_rejects_bad_group_ids():
         instance_contrastive_loss(ICL_LOGITS.float(), targets, torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match="instance_ids"):
         instance_contrastive_loss(ICL_LOGITS.float(), targets, instance_ids=[1, 2])
+
+
+# ------------------------------------------------------------------ empty targets (generalized RIS: no referent)
+def test_losses_on_an_empty_target_push_every_pixel_down_and_stay_finite():
+    """docs/generalized.md: dice on an empty target is S / (S + 1) (S the sum of the probabilities), with gradient
+    1 / (S + 1)^2 per probability; BCE and focal are their per-pixel background terms, averaged; all finite."""
+    logits = torch.tensor([[[0.5, -1.0], [2.0, -3.0]]], requires_grad=True)
+    empty = torch.zeros(1, 2, 2)
+    p = logits.detach().sigmoid()
+    total = p.sum()
+    dice = dice_loss(logits, empty)
+    torch.testing.assert_close(dice, total / (total + 1))
+    dice.backward()
+    torch.testing.assert_close(logits.grad, (p * (1 - p)) / (total + 1) ** 2)  # d/dlogit = dS/dp * p(1 - p)
+    assert (logits.grad > 0).all()  # every logit pushed down
+    torch.testing.assert_close(bce_loss(logits, empty), -torch.log(1 - p).mean())
+    focal = sigmoid_focal_loss(logits, empty, alpha=0.65, gamma=2.0)
+    torch.testing.assert_close(focal, (0.35 * p**2 * -torch.log(1 - p)).mean())
+    for loss in (dice, bce_loss(logits, empty), focal):
+        assert torch.isfinite(loss)
+
+
+def test_contrastive_loss_treats_each_no_target_row_as_its_own_instance():
+    """Two rows of one image with empty targets are two instances (Y = 0 between them), so their predictions are
+    pushed apart, not together; a row with a target and a no-target row likewise."""
+    # rows 0 and 1: predicted empty at 0.5 (so w_i = 1), the same faint blob in both
+    logits = torch.tensor([[-1.0, -1.0, -3.0, -3.0], [-1.0, -1.0, -3.0, -3.0], [-2.0, -2.0, 2.0, 2.0]])
+    targets = torch.tensor([[0.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1]])
+    apart = instance_contrastive_loss(logits, targets, iou_threshold=0.5)
+    together = instance_contrastive_loss(logits, targets, instance_ids=torch.tensor([7, 7, 8]), iou_threshold=0.5)
+    explicit = instance_contrastive_loss(logits, targets, instance_ids=torch.tensor([-1, -2, 8]), iou_threshold=0.5)
+    torch.testing.assert_close(apart, explicit)  # derived from the targets = one instance per no-target row
+    assert apart > together + 1.0  # rows 0 and 1 share a blob: costly as two instances, free as one
