@@ -30,7 +30,7 @@ import numpy as np
 
 from .masks import decode_segmentation, mask_to_png
 from .refer import (
-    REFER_FEATURES, _index_instances, check_image, dataset_from_generator, files_fingerprint, parse_sentences,
+    REFER_FEATURES, _index_instances, check_image, dataset_from_generator, files_fingerprint, selected_refs,
 )
 from .unpickle import load_refs_pickle
 
@@ -140,16 +140,7 @@ def load_grefer(
     images, anns = _index_instances(instances, str(instances_path))
 
     specs, checked = [], {}
-    for k, ref in enumerate(refs):
-        if not isinstance(ref, dict):
-            raise ValueError(f"{refs_path}: ref #{k} is a {type(ref).__name__}, expected a dict")
-        missing = [key for key in ("ref_id", "ann_id", "image_id", "split", "sentences") if key not in ref]
-        if missing:
-            raise ValueError(f"{refs_path}: ref #{k} (ref_id={ref.get('ref_id')}) is missing keys {missing}")
-        if split is not None and ref["split"] != split:
-            continue
-        where = f"{refs_path}: ref_id={ref['ref_id']}"
-        sentences, sent_ids = parse_sentences(ref["sentences"], where)
+    for ref, where, sentences, sent_ids in selected_refs(refs, refs_path, split):
         ann_ids = [int(a) for a in _as_list(ref["ann_id"])]
         empty = ann_ids == [-1]
         no_target = bool(ref.get("no_target", empty))

@@ -273,13 +273,10 @@ def load_refer(
     return build_dataset(specs, fingerprint=fingerprint, split=split, cache_dir=cache_dir)
 
 
-def _collect_specs(
-    refs: list, refs_path: str, instances_path: str, images: dict, anns: dict,
-    image_root: str, split: str | None, verify_images: bool,
-) -> list[RowSpec]:
-    """Validate every selected ref against the annotations and images; build the row specs."""
-    checked_images: dict[int, tuple[int, int]] = {}
-    specs = []
+def selected_refs(refs, refs_path, split):
+    """`(ref, where, sentences, sent_ids)` for each ref of `split` (every ref when None), in file order: a dict
+    with the keys every refer-format ref has, its sentences parsed; `where` names the file and the ref for
+    errors. `ValueError` for a malformed ref (also one outside `split`)."""
     for k, ref in enumerate(refs):
         if not isinstance(ref, dict):
             raise ValueError(f"{refs_path}: ref #{k} is a {type(ref).__name__}, expected a dict")
@@ -289,7 +286,17 @@ def _collect_specs(
         if split is not None and ref["split"] != split:
             continue
         where = f"{refs_path}: ref_id={ref['ref_id']}"
-        sentences, sent_ids = parse_sentences(ref["sentences"], where)
+        yield (ref, where, *parse_sentences(ref["sentences"], where))
+
+
+def _collect_specs(
+    refs: list, refs_path: str, instances_path: str, images: dict, anns: dict,
+    image_root: str, split: str | None, verify_images: bool,
+) -> list[RowSpec]:
+    """Validate every selected ref against the annotations and images; build the row specs."""
+    checked_images: dict[int, tuple[int, int]] = {}
+    specs = []
+    for ref, where, sentences, sent_ids in selected_refs(refs, refs_path, split):
         ann = anns.get(int(ref["ann_id"]))
         if ann is None:
             raise ValueError(f"{where}: ann_id={ref['ann_id']} is absent from {instances_path}")
