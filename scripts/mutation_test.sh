@@ -61,11 +61,13 @@ spec() {
     esac
 }
 
-# method_tests METHOD: `tests` = every tests/**/test_METHOD*.py of the repository, `pytest_extra` = not slow,
+# method_tests METHOD: `tests` = every tests/**/test_METHOD*.py of the repository and the presence heads' tests
+# (tests/test_no_target_heads.py), `pytest_extra` = not slow,
 # and not the remote-code export tests (they copy the module files into a Hub folder and refuse the mutant's
 # `import mutmut`: they test the export, not the method, and fail on every mutant alike)
 method_tests() {
     mapfile -t tests < <(cd "$repo" && find tests -name "test_$1*.py" | sort)
+    tests+=(tests/test_no_target_heads.py)  # every method's presence head (generalized RIS) is tested there
     pytest_extra=(-m "not slow" -k "not remote_code")
 }
 
