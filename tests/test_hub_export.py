@@ -570,3 +570,15 @@ def test_a_generalized_record_makes_a_card(tmp_path):
     assert metrics[("val", "N-acc")] == round(100 * with_none["N-acc"], 2)
     assert ("testA", "N-acc") not in metrics  # None never reaches model-index
     assert {e.dataset_name for e in card.data.eval_results} == {"generalized RefShapes (synthetic, generated with refseg)"}
+
+
+def test_a_presence_head_preset_gets_its_base_card_with_the_difference_said():
+    base, card = build_model_card("risclip-b"), build_model_card("risclip-b-g")
+    assert "with a presence head" in card.content and "not part of the paper" in card.content
+    assert "generalized-referring-segmentation" in card.data.tags
+    assert "generalized-referring-segmentation" not in base.data.tags
+    # the paper's table is the base card's, kept apart as "reported in the paper"
+    reported = lambda c: c.content.split("### Measured with refseg", 1)[0].split("Reported in the paper", 1)[-1]
+    assert reported(card) == reported(base)
+    with pytest.raises(ValueError, match="-g"):
+        build_model_card("risclip-xxl-g")

@@ -120,11 +120,30 @@ def _read_mapping(path: Path, what: str) -> dict:
     return data
 
 
+def generalized_card_info(base: Mapping, name: str) -> dict:
+    """The card data of preset `name` = `<base>-g` (`refseg.presets`: the base preset with the presence head of
+    generalized RIS, `no_target_head=True`): the base card's, renamed, with a sentence saying what the variant adds
+    and that the paper's numbers (kept as they are, still "reported in the paper") are for the method without it."""
+    info = dict(base)
+    info["preset"] = info["model_name"] = name
+    info["title"] = f"{base.get('title', base.get('model_name'))}, with a presence head (generalized RIS)"
+    info["summary"] = (
+        f"{str(base.get('summary', '')).rstrip()} This variant adds refseg's presence head (`no_target_head=True`, "
+        "not part of the paper): the model also says when an expression names nothing in the image, and returns "
+        "an empty mask then (generalized referring segmentation, gRefCOCO). Numbers reported in the paper are for "
+        "the method without it.")
+    metadata = dict(base.get("metadata") or {})
+    metadata["tags"] = [*metadata.get("tags", []), "generalized-referring-segmentation"]
+    info["metadata"] = metadata
+    return info
+
+
 def load_card_info(card: Union[None, PathLike, Mapping], *, model_type: Optional[str] = None) -> dict:
     """Card data as a dict.
 
     Args:
-        card: a shipped card name (`"risclip-b"`, see `available_cards()`), a path to a YAML/JSON
+        card: a shipped card name (`"risclip-b"`, see `available_cards()`; `"risclip-b-g"` for a shipped name plus
+            `-g`, `generalized_card_info`), a path to a YAML/JSON
             card data file, a mapping with the same keys, or `None` for a generic card built from
             `model_type` (no paper table).
         model_type: the model's `config.model_type`, used for the generic card.
@@ -149,8 +168,12 @@ def load_card_info(card: Union[None, PathLike, Mapping], *, model_type: Optional
     path = Path(card)
     if path.suffix not in CARD_DATA_SUFFIXES:
         path = TEMPLATES_DIR / f"{card}.yaml"
+        base = TEMPLATES_DIR / f"{str(card)[:-2]}.yaml"
+        if not path.is_file() and str(card).endswith("-g") and base.is_file():
+            return generalized_card_info(_read_mapping(base, "card_data"), str(card))
         if not path.is_file():
-            raise ValueError(f"`card_data` {card!r} is neither a card data file nor one of {available_cards()}")
+            raise ValueError(f"`card_data` {card!r} is neither a card data file nor one of {available_cards()}"
+                             " (or one of them with `-g`, the presence-head variant)")
     elif not path.is_file():
         raise ValueError(f"`card_data` file {path} does not exist")
     return _read_mapping(path, "card_data")
