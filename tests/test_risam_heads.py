@@ -43,3 +43,11 @@ def test_an_unknown_reading_of_eq4_is_named():
     scores = torch.zeros(1, 2, 3)
     with pytest.raises(ValueError, match="unknown relevance mask reading 'sideways'"):
         relevance_masks(scores, torch.ones(1, 3, dtype=torch.bool), 0.35, reading="sideways")
+
+
+def test_the_decoder_hands_its_feed_forward_width_to_every_block():
+    from refseg.models.risam.modeling_risam_heads import RisamMaskDecoder
+
+    decoder = RisamMaskDecoder(8, 2, 2, 12, (8, 4))
+    assert all(layer.mlp is not None and layer.mlp[0].out_features == 12 for layer in decoder.layers)
+    assert all(layer.mlp is None for layer in RisamMaskDecoder(8, 2, 2, 0, (8, 4)).layers)
