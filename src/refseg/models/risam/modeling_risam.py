@@ -181,8 +181,9 @@ class RisamModel(AdaptedModelMixin, RisamPreTrainedModel):
         sam_config.vision_config, clip_config.text_config = sam_model.config, clip_model.config
         # record the checkpoints (exported cards and `from_adapter_weights` read them back)
         sam_config._name_or_path, clip_config._name_or_path = str(sam), str(clip)
+        attn_implementation = sam_model.config._attn_implementation  # read first: building a config resets it
         config = cls.config_class(sam_config=sam_config, clip_config=clip_config, **overrides)
-        config._attn_implementation = sam_model.config._attn_implementation
+        config._attn_implementation = attn_implementation  # sets it on the SAM and CLIP sub-configs too
         return cls(config, sam_model=sam_model, clip_model=clip_model).to(clip_model.dtype)  # added modules too
 
     # ----------------------------------------------------------------- the one stage
