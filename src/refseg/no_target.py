@@ -33,9 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NO_TARGET_FIELDS = ("no_target_head", "no_target_loss_weight", "no_target_threshold")
-
-
 def validate_no_target_config(config) -> None:
     """`ValueError` for a bad `no_target_head` (bool), `no_target_loss_weight` (>= 0) or
     `no_target_threshold` (in (0, 1))."""
@@ -113,5 +110,5 @@ def apply_no_target(masks: list, no_target_logits: Optional[torch.Tensor], thres
     return [torch.zeros_like(mask) if empty else mask for mask, empty in zip(masks, absent)]
 
 
-__all__ = ["NO_TARGET_FIELDS", "NoTargetHead", "add_no_target_loss", "apply_no_target", "no_target_targets",
+__all__ = ["NoTargetHead", "add_no_target_loss", "apply_no_target", "no_target_targets",
            "validate_no_target_config"]
