@@ -486,6 +486,11 @@ class ReferringSegmentationProcessorMixin:
         masks = post_process_masks(
             logits, sizes, threshold=threshold, input_size=self.padded_input_size, valid_sizes=valid_sizes
         )
+        return self.apply_presence(masks, outputs, no_target_threshold)
+
+    def apply_presence(self, masks: list, outputs, no_target_threshold: Optional[float] = None) -> list:
+        """`masks` with those emptied whose `sigmoid(outputs.no_target_logits)` exceeds `no_target_threshold`
+        (default: `self.no_target_threshold` when set, else 0.5); unchanged for outputs without a presence head."""
         no_target_logits = getattr(outputs, "no_target_logits", None)
         if no_target_logits is None and isinstance(outputs, dict):
             no_target_logits = outputs.get("no_target_logits")

@@ -10,7 +10,6 @@ from transformers import CLIPConfig, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import Unpack
 
-from ...no_target import apply_no_target
 from ...processing_utils import (
     PROCESSOR_KWARGS_DEFAULTS,
     ReferringSegmentationProcessorKwargs,
@@ -231,9 +230,7 @@ class CrisProcessor(ReferringSegmentationProcessorMixin, ProcessorMixin):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"`threshold` must be in (0, 1), got {threshold}")
         masks = [probabilities > threshold for probabilities in self.map_to_original(logits.sigmoid(), target_sizes)]
-        if no_target_threshold is None:
-            no_target_threshold = getattr(self, "no_target_threshold", 0.5)
-        return apply_no_target(masks, getattr(outputs, "no_target_logits", None), no_target_threshold)
+        return self.apply_presence(masks, outputs, no_target_threshold)
 
     @property
     def model_input_names(self) -> list:
